@@ -1,0 +1,239 @@
+"""Image encoders: OpenCLIP, timm and torchvision backbones, one pooled vector per photo.
+
+Specs (``<family>:<arch>@<weights>``):
+
+* ``open_clip:ViT-B-32@laion2b_s34b_b79k`` - an OpenCLIP tag, or a local checkpoint file;
+* ``timm:legacy_xception`` / ``timm:<model>@<tag or local file>`` - a timm model; no ``@``
+  means timm's default pretrained tag;
+* ``torchvision:mobilenet_v2@/path/model.safetensors`` - a torchvision architecture with a
+  local state dict (safetensors or .pt), or a torchvision weights enum name (``DEFAULT``).
+
+``@random`` builds any of them with random weights: the same code path as the pretrained
+model, without a download (used by the tests and for smoke runs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ModelSpecError
+from .base import Progress, l2_normalize
+
+RANDOM = "random"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def parse_image_spec(spec: str) -> tuple[str, str, str | None]:
+    """``'family:arch@weights'`` -> ``(family, arch, weights or None)``."""
+    family, sep, rest = spec.partition(":")
+    if not sep or not rest:
+        raise ModelSpecError(
+            f"image model spec {spec!r} must look like 'open_clip:<arch>@<tag>', "
+            "'timm:<model>[@<tag|file>]' or 'torchvision:<arch>@<file|DEFAULT>'"
+        )
+    arch, at, weights = rest.partition("@")
+    family = family.strip().lower().replace("-", "_")
+    if family not in {"open_clip", "timm", "torchvision"}:
+        raise ModelSpecError(f"unknown image model family {family!r} in {spec!r}")
+    return family, arch.strip(), (weights.strip() or None) if at else None
+
+
+def _letterbox(size: int, fill: tuple[int, int, int] = (255, 255, 255)) -> Callable[[Any], Any]:
+    """Pad to a square on white, then resize: product photos are not to be centre-cropped."""
+    from PIL import Image
+
+    def apply(img: Any) -> Any:
+        w, h = img.size
+        side = max(w, h)
+        if w != h:
+            canvas = Image.new("RGB", (side, side), fill)
+            canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+            img = canvas
+        return img.resize((size, size), Image.Resampling.BICUBIC)
+
+    return apply
+
+
+class TorchImageEncoder:
+    """A torch module mapping a batch of preprocessed images to pooled features."""
+
+    def __init__(
+        self,
+        spec: str,
+        model: Any,
+        preprocess: Callable[[Any], Any],
+        dim: int,
+        *,
+        batch_size: int = 32,
+        device: str = "cpu",
+        forward: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.model = model.eval().to(device)
+        self.preprocess = preprocess
+        self.dim = dim
+        self.batch_size = batch_size
+        self.device = device
+        self._forward = forward or self.model
+
+    def encode(self, images: Sequence[Any], progress: Progress | None = None) -> np.ndarray:
+        import torch
+
+        out = np.zeros((len(images), self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(images), self.batch_size):
+                chunk = images[start : start + self.batch_size]
+                x = torch.stack([self.preprocess(im) for im in chunk]).to(self.device)
+                feats = self._forward(x)
+                out[start : start + len(chunk)] = feats.float().cpu().numpy()
+                if progress:
+                    progress(len(chunk))
+        return l2_normalize(out)
+
+
+def _probe_dim(forward: Callable[[Any], Any], size: int) -> int:
+    import torch
+
+    with torch.inference_mode():
+        return int(forward(torch.zeros(1, 3, size, size)).shape[-1])
+
+
+def load_open_clip(spec: str, arch: str, weights: str | None, **kw: Any) -> TorchImageEncoder:
+    import open_clip
+
+    if weights is None:
+        raise ModelSpecError(
+            f"{spec!r}: name the weights, e.g. 'open_clip:{arch}@laion2b_s34b_b79k' "
+            "(or '@random')"
+        )
+    if arch not in open_clip.list_models():
+        raise ModelSpecError(f"{spec!r}: unknown OpenCLIP architecture {arch!r}")
+    pretrained = None if weights == RANDOM else weights
+    if pretrained and Path(pretrained).suffix and not Path(pretrained).is_file():
+        raise ModelSpecError(f"{spec!r}: checkpoint file {pretrained!r} not found")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
+    except (RuntimeError, OSError) as e:  # unknown tag, offline hub
+        raise ModelSpecError(f"cannot load {spec!r}: {e}") from e
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, tuple | list) else size
+    return TorchImageEncoder(
+        spec, model, preprocess, _probe_dim(model.encode_image, size),
+        forward=model.encode_image, **kw,
+    )
+
+
+def load_timm(spec: str, arch: str, weights: str | None, **kw: Any) -> TorchImageEncoder:
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    options: dict[str, Any] = {"num_classes": 0}  # num_classes=0: pooled features, no head
+    if weights == RANDOM:
+        options["pretrained"] = False
+    elif weights is None:
+        options["pretrained"] = True
+    elif Path(weights).suffix:  # a local file
+        if not Path(weights).is_file():
+            raise ModelSpecError(f"{spec!r}: weights file {weights!r} not found")
+        options.update(pretrained=True, pretrained_cfg_overlay={"file": weights})
+    else:  # a pretrained tag
+        arch = f"{arch}.{weights}"
+        options["pretrained"] = True
+    try:
+        model = timm.create_model(arch, **options)
+    except RuntimeError as e:  # unknown model
+        raise ModelSpecError(f"cannot load {spec!r}: {e}") from e
+    except OSError as e:
+        raise ModelSpecError(f"cannot load {spec!r} (offline?): {e}") from e
+    cfg = resolve_data_config({}, model=model)
+    preprocess = create_transform(**cfg)
+    return TorchImageEncoder(spec, model, preprocess, int(model.num_features), **kw)
+
+
+def build_torchvision_backbone(arch: str, weights: str | None, spec: str) -> Any:
+    """A torchvision classification model with its weights loaded (head still attached)."""
+    import torch
+    import torchvision
+
+    if weights is None:
+        raise ModelSpecError(
+            f"{spec!r}: name the weights: a local .safetensors/.pt file, a torchvision "
+            "weights name such as 'DEFAULT', or 'random'"
+        )
+    try:
+        builder = torchvision.models.get_model_builder(arch)
+    except ValueError:
+        raise ModelSpecError(f"{spec!r}: unknown torchvision architecture {arch!r}") from None
+    if weights == RANDOM:
+        return builder(weights=None)
+    path = Path(weights).expanduser()
+    if path.suffix in {".safetensors", ".pt", ".pth", ".bin"}:
+        if not path.is_file():
+            raise ModelSpecError(f"{spec!r}: weights file {str(path)!r} not found")
+        model = builder(weights=None)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ModelSpecError(f"{spec!r}: weights do not fit {arch}: {e}") from e
+        return model
+    try:
+        return builder(weights=weights)
+    except (ValueError, KeyError) as e:
+        raise ModelSpecError(f"{spec!r}: unknown torchvision weights {weights!r}") from e
+    except OSError as e:
+        raise ModelSpecError(f"cannot download {spec!r} (offline?): {e}") from e
+
+
+def strip_head(model: Any) -> Any:
+    """Replace a torchvision classifier's last layer by Identity so it returns pooled features."""
+    import torch
+
+    for attr in ("fc", "classifier", "heads", "head"):
+        head = getattr(model, attr, None)
+        if head is None:
+            continue
+        if isinstance(head, torch.nn.Sequential):
+            # keep everything before the final Linear (e.g. ConvNeXt's LayerNorm+Flatten)
+            layers = list(head.children())
+            while layers and not isinstance(layers[-1], torch.nn.Linear):
+                layers.pop()
+            if layers:
+                layers.pop()
+            setattr(model, attr, torch.nn.Sequential(*layers))
+        else:
+            setattr(model, attr, torch.nn.Identity())
+        return model
+    raise ModelSpecError(f"cannot find the classification head of {type(model).__name__}")
+
+
+def imagenet_preprocess(size: int = 224) -> Callable[[Any], Any]:
+    from torchvision import transforms
+
+    return transforms.Compose(
+        [_letterbox(size), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
+
+
+def load_torchvision(spec: str, arch: str, weights: str | None, **kw: Any) -> TorchImageEncoder:
+    model = strip_head(build_torchvision_backbone(arch, weights, spec)).eval()
+    size = 299 if arch.startswith("inception") else 224
+    return TorchImageEncoder(spec, model, imagenet_preprocess(size), _probe_dim(model, size), **kw)
+
+
+LOADERS = {"open_clip": load_open_clip, "timm": load_timm, "torchvision": load_torchvision}
+
+
+def load_image_encoder(spec: str, *, batch_size: int = 32, device: str = "cpu") -> Any:
+    family, arch, weights = parse_image_spec(spec)
+    return LOADERS[family](spec, arch, weights, batch_size=batch_size, device=device)

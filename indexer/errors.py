@@ -1,0 +1,27 @@
+"""Domain errors of the core. Adapters (HTTP, queue, CLI) map them to their own outcomes."""
+
+from __future__ import annotations
+
+
+class VitrineError(Exception):
+    """Base class of every error vitrine raises on purpose."""
+
+
+class InvalidInput(VitrineError):
+    """A listing, query or file the caller sent is not acceptable (a 4xx, a bad CSV row)."""
+
+
+class ImageError(InvalidInput):
+    """A photo that cannot be used: missing, empty, corrupt, truncated, too large, a bomb."""
+
+
+class ModelSpecError(VitrineError):
+    """An encoder spec string that cannot be parsed or loaded."""
+
+
+class IndexMismatch(VitrineError):
+    """An index built with other encoders/fusion than the ones configured now."""
+
+
+class NotFound(VitrineError):
+    """An unknown listing id."""

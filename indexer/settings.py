@@ -1,0 +1,93 @@
+"""One typed settings object for every vitrine process.
+
+Every knob is read from the environment with the ``VITRINE_`` prefix (``VITRINE_TEXT_MODEL``,
+``VITRINE_IMAGE_MODEL``, ``VITRINE_DATA_DIR``...), from a ``.env`` file, or passed explicitly
+by the CLI. Nothing else in the code base reads ``os.environ`` for configuration.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_TEXT_MODEL = "sentence-transformers/all-mpnet-base-v2"
+DEFAULT_IMAGE_MODEL = "open_clip:ViT-B-32@laion2b_s34b_b79k"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="VITRINE_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    )
+
+    # --- encoders -------------------------------------------------------------------------
+    text_model: str = Field(
+        DEFAULT_TEXT_MODEL,
+        description="sentence-transformers hub id or local directory, or 'tfidf' / 'none'.",
+    )
+    image_model: str = Field(
+        DEFAULT_IMAGE_MODEL,
+        description="'open_clip:<arch>@<tag|file>', 'timm:<model>@<tag|file>', "
+        "'torchvision:<arch>@<file.safetensors>' or 'none'.",
+    )
+    lexical: bool = Field(
+        True,
+        description="Add the weight-free hashed lexical text view to the fused vector "
+        "(see indexer/fusion.py).",
+    )
+    batch_size: int = Field(32, ge=1, le=1024)
+    torch_threads: int = Field(
+        0, ge=0, description="Intra-op torch threads per process; 0 = number of CPU cores."
+    )
+    device: str = Field("cpu", description="torch device for the encoders.")
+
+    # --- fusion ---------------------------------------------------------------------------
+    text_weight: float = Field(1.0, ge=0.0)
+    lexical_weight: float = Field(1.0, ge=0.0)
+    image_weight: float = Field(0.5, ge=0.0)
+
+    # --- index and voting -----------------------------------------------------------------
+    knn_k: int = Field(10, ge=1, le=1000, description="Neighbours voting per modality.")
+    knn_pool: int = Field(
+        50, ge=1, le=10_000, description="Candidates fetched from the fused index for a vote."
+    )
+    knn_temperature: float = Field(
+        0.05, gt=0.0, description="Softmax temperature of the similarity-weighted vote."
+    )
+    uncertain_below: float = Field(
+        0.5, ge=0.0, le=1.0, description="Confidence under which a vote is 'uncertain'."
+    )
+    exact_max: int = Field(
+        200_000, ge=0, description="Catalogs up to this size use an exact flat index."
+    )
+    hnsw_m: int = Field(32, ge=4, le=128)
+    hnsw_ef_search: int = Field(64, ge=8)
+    hnsw_ef_construction: int = Field(80, ge=8)
+
+    # --- images ---------------------------------------------------------------------------
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(
+        100_000_000,
+        ge=1,
+        description="Images with more pixels are refused as decompression bombs.",
+    )
+
+    # --- state and service ----------------------------------------------------------------
+    data_dir: Path = Field(Path("var"), description="Where index, snapshots and logs live.")
+    broker_url: str | None = Field(None, description="redis://... ; unset = embedded mode.")
+    api_key: str | None = None
+    environment: Literal["development", "production"] = "development"
+
+    @field_validator("text_model", "image_model")
+    @classmethod
+    def _strip(cls, v: str) -> str:
+        return v.strip()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

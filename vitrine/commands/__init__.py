@@ -1,0 +1,1 @@
+"""Subcommands of the ``vitrine`` CLI, one module per layer."""
