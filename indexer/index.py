@@ -171,7 +171,8 @@ class VectorIndex:
             kk = min(k, len(self._ids))
             params = None
             if self.kind == "hnsw":
-                params = faiss.SearchParametersHNSW(efSearch=max(ef_search or 0, 2 * kk, 16))
+                ef = max(ef_search or self.config.hnsw_ef_search, kk)
+                params = faiss.SearchParametersHNSW(efSearch=ef)
                 if self._tombstones:
                     ts = np.fromiter(self._tombstones, dtype=np.int64)
                     params.sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(ts))

@@ -117,6 +117,9 @@ class Vitrine:
     def __len__(self) -> int:
         return len(self.index) if self.index is not None else 0
 
+    def __contains__(self, listing_id: object) -> bool:
+        return self.index is not None and listing_id in self.index
+
     # --- embedding ------------------------------------------------------------------------
     def load_models(self) -> None:
         """Load the configured encoders now (at service start-up) instead of on first use."""
@@ -193,6 +196,16 @@ class Vitrine:
         return self.fusion.fuse(emb.vectors, emb.present)
 
     # --- building and writing -------------------------------------------------------------
+    def fit_lexical(self, listings: Sequence[Listing]) -> None:
+        """Fit the TF-IDF/LSA lexical view on a catalog's texts (when it is enabled)."""
+        self.lexical = None
+        if self.use_lexical:
+            texts = [lexical_text(x) for x in listings if x.title or x.description]
+            if len(texts) >= 2:
+                self.lexical = TfidfEncoder(dim=self.settings.lexical_dim).fit(texts)
+            else:
+                log.warning("catalog too small to fit the lexical view; it is left out")
+
     def build(
         self, listings: Sequence[Listing], progress: Progress | None = None
     ) -> dict[int, str]:
@@ -200,15 +213,14 @@ class Vitrine:
 
         Returns ``{row: problem}`` for listings indexed without a modality or not at all.
         """
-        s = self.settings
-        self.lexical = None
-        if self.use_lexical:
-            texts = [lexical_text(x) for x in listings if x.title or x.description]
-            if len(texts) >= 2:
-                self.lexical = TfidfEncoder().fit(texts)
-            else:
-                log.warning("catalog too small to fit the lexical view; it is left out")
+        self.fit_lexical(listings)
         emb = self.embed(listings, progress)
+        self.build_from_embedded(listings, emb)
+        return emb.problems
+
+    def build_from_embedded(self, listings: Sequence[Listing], emb: Embedded) -> None:
+        """Fit the fusion (block layout, centring) on ``emb`` and index ``listings`` with it."""
+        s = self.settings
         weights = {"text": s.text_weight, "lexical": s.lexical_weight, "image": s.image_weight}
         blocks = [
             Block(name, emb.vectors[name].shape[1], weights[name])
@@ -224,7 +236,6 @@ class Vitrine:
             self.index = VectorIndex(fusion.dim, self._index_config())
             self.meta = {}
             self._add(listings, fused, emb.failed)
-        return emb.problems
 
     def create_empty(self) -> None:
         """An empty index with the configured encoders and no fitted lexical view."""

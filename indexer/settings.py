@@ -38,6 +38,7 @@ class Settings(BaseSettings):
         description="Add the weight-free hashed lexical text view to the fused vector "
         "(see indexer/fusion.py).",
     )
+    lexical_dim: int = Field(128, ge=2, le=4096, description="LSA size of the lexical view.")
     batch_size: int = Field(32, ge=1, le=1024)
     torch_threads: int = Field(
         0, ge=0, description="Intra-op torch threads per process; 0 = number of CPU cores."

@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # noisy CPU-feature probing
     try:
         return int(args.func(args) or 0)
     except VitrineError as e:

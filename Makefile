@@ -1,0 +1,42 @@
+# Every entry point in one place. `make demo` and `make test` are the README's two commands.
+SHARED ?= ../shared
+PY := .venv/bin/python
+VITRINE := .venv/bin/vitrine
+# Offline copies of the models when ../shared has them; otherwise the hub defaults
+# (sentence-transformers/all-mpnet-base-v2 and OpenCLIP ViT-B-32, downloaded on first use).
+ifneq ($(wildcard $(SHARED)/models/all-MiniLM-L6-v2/modules.json),)
+export VITRINE_TEXT_MODEL ?= $(abspath $(SHARED)/models/all-MiniLM-L6-v2)
+export VITRINE_IMAGE_MODEL ?= torchvision:mobilenet_v2@$(abspath $(SHARED)/models/mobilenet_v2_imagenet/model.safetensors)
+endif
+DATA ?= $(if $(wildcard $(SHARED)/data/flipkart-1050),$(SHARED)/data/flipkart-1050,data/flipkart)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup demo test check bench clean
+
+setup: .venv/.installed
+
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	.venv/bin/pip install -q -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import torch, torchvision, faiss, open_clip, timm, sentence_transformers"
+	touch $@
+
+demo: setup
+	@test -f $(DATA)/flipkart_com-ecommerce_sample_1050.csv || $(VITRINE) fetch-data --out $(DATA)
+	$(VITRINE) index --catalog $(DATA)/flipkart_com-ecommerce_sample_1050.csv --index var/index
+	$(VITRINE) predict $(DATA)/flipkart_com-ecommerce_sample_1050.csv --index var/index --output var/predictions.csv
+	$(VITRINE) search --index var/index --text "analog wrist watch for men" -k 5
+
+test: setup
+	VITRINE_TEST_SHARED=$(abspath $(SHARED)) $(PY) -m pytest
+
+check: setup
+	.venv/bin/ruff check indexer workers services evaluation vitrine tests
+	.venv/bin/mypy
+
+bench: setup
+	$(VITRINE) bench core --data $(DATA) --out var/bench-core.json
+
+clean:
+	rm -rf var .pytest_cache

@@ -1,0 +1,36 @@
+import numpy as np
+
+from indexer.fusion import Block, Fusion
+
+
+def test_missing_modality_is_a_zero_block_and_scores_are_weighted_mean_cosines():
+    rng = np.random.default_rng(0)
+    text = rng.normal(size=(4, 3)).astype(np.float32)
+    image = rng.normal(size=(4, 2)).astype(np.float32)
+    present = {"text": np.array([1, 1, 1, 1], bool), "image": np.array([1, 1, 0, 1], bool)}
+    f = Fusion([Block("text", 3, 1.0), Block("image", 2, 0.5)])
+    f.fit({"text": text, "image": image}, present)
+    fused = f.fuse({"text": text, "image": image}, present)
+    assert fused.shape == (4, 5)
+    assert not fused[2, 3:].any()  # no photo -> zero image block
+    blocks = f.split(fused)
+    np.testing.assert_allclose(np.linalg.norm(blocks["text"], axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(blocks["image"][[0, 1, 3]], axis=1), 1, atol=1e-5)
+    norms = f.query_norm(fused)
+    np.testing.assert_allclose(norms, [1.25, 1.25, 1.0, 1.25])
+    # a photo-less listing is compared on text alone
+    s = fused[2] @ fused[0] / norms[2]
+    np.testing.assert_allclose(s, blocks["text"][2] @ blocks["text"][0], atol=1e-5)
+
+
+def test_centring_removes_the_shared_component():
+    rng = np.random.default_rng(1)
+    shared = np.full(8, 5.0, np.float32)
+    x = shared + rng.normal(size=(50, 8)).astype(np.float32)
+    present = {"image": np.ones(50, bool)}
+    raw = Fusion([Block("image", 8, 1.0)]).fuse({"image": x}, present)
+    centred = Fusion([Block("image", 8, 1.0)]).fit({"image": x}, present).fuse(
+        {"image": x}, present)
+    # raw vectors all look alike (cosine ~1); centred ones are spread around 0
+    assert (raw @ raw.T).mean() > 0.9
+    assert abs((centred @ centred.T)[~np.eye(50, dtype=bool)].mean()) < 0.1

@@ -1,0 +1,119 @@
+"""The core end to end with the offline models and real FAISS."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer.catalog import Listing
+from indexer.errors import ImageError, IndexMismatch, InvalidInput, NotFound
+from indexer.pipeline import Vitrine
+
+from ..conftest import offline_settings
+
+
+@pytest.fixture(scope="module")
+def held_out(catalog, small_catalog):
+    inside = {x.id for x in small_catalog}
+    per: dict[str, list] = {}
+    for x in catalog:
+        if x.id not in inside and len(per.setdefault(x.category, [])) < 10:
+            per[x.category].append(x)
+    return [x for g in per.values() for x in g]
+
+
+def test_build_indexes_every_listing_with_fused_blocks(built, small_catalog):
+    assert len(built) == len(small_catalog)
+    assert built.fusion.names == ["text", "lexical", "image"]
+    assert built.index.kind == "flat"
+
+
+def test_held_out_listings_are_categorized(built, held_out):
+    votes = built.classify_many(held_out)
+    correct = sum(v.category == x.category for v, x in zip(votes, held_out))
+    assert correct / len(held_out) >= 0.85
+    for v in votes:
+        assert 0.0 <= v.confidence <= 1.0
+        assert v.neighbours and all(n.category for n in v.neighbours)
+        assert v.uncertain == (v.confidence < built.settings.uncertain_below)
+
+
+def test_text_only_and_photo_only_listings(built, held_out):
+    watch = next(x for x in held_out if x.category == "Watches")
+    text_only = Listing("t1", title=watch.title, description=watch.description)
+    assert built.classify(text_only).category == "Watches"
+    photo_only = Listing("p1", title="", image=watch.image)
+    vote = built.classify(photo_only)
+    assert vote.category is not None and vote.neighbours
+
+
+def test_search_by_text_photo_and_id(built, small_catalog):
+    hits = built.search(text="analog wrist watch for men", k=5)
+    assert len(hits) == 5 and all(h.category == "Watches" for h in hits)
+    assert hits == sorted(hits, key=lambda h: -h.score) and -1 <= hits[-1].score <= 1
+    some = small_catalog[0]
+    by_id = built.search(listing_id=some.id, k=3)
+    assert some.id not in {h.id for h in by_id}
+    by_photo = built.search(image=open(some.image, "rb").read(), k=1)
+    assert by_photo[0].id == some.id  # its own photo finds it
+    within = built.search(text="analog watch", k=3, category="Kitchen & Dining")
+    assert within and all(h.category == "Kitchen & Dining" for h in within)
+
+
+def test_bad_queries_get_clear_errors(built):
+    with pytest.raises(InvalidInput, match="give a text"):
+        built.search(text="  ")
+    with pytest.raises(NotFound):
+        built.search(listing_id="nope")
+    with pytest.raises(ImageError):
+        built.search(image=b"garbage")
+    with pytest.raises(InvalidInput, match="k must be"):
+        built.search(text="mug", k=0)
+
+
+def test_corrupt_photo_is_indexed_from_text_and_reported(tmp_path, settings, registry,
+                                                        small_catalog):
+    v = Vitrine(settings, registry)
+    v.build(small_catalog[:30])
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    buf = io.BytesIO()
+    Image.new("1", (12_000, 12_000)).save(buf, "PNG")
+    problems = v.upsert([
+        Listing("c1", "Steel coffee mug", image=bad),
+        Listing("c2", "Ceramic tea cup", image=buf.getvalue()),
+        Listing("c3", "", image=b"junk"),
+    ])
+    assert "c1" in v and "c2" in v and "c3" not in v
+    assert "corrupt" in problems[0] and "decompression bomb" in problems[1]
+    assert "no text either" in problems[2]
+
+
+def test_upsert_replaces_delete_removes_save_load(tmp_path, settings, registry, small_catalog):
+    v = Vitrine(settings, registry)
+    v.build(small_catalog[:40])
+    x = small_catalog[0]
+    v.upsert([Listing(x.id, "Cotton bath towel", category="Home Furnishing")])
+    assert len(v) == 40 and v.meta[x.id].title == "Cotton bath towel"
+    assert v.delete([small_catalog[1].id]) == 1 and len(v) == 39
+    v.save(tmp_path)
+    back = Vitrine.load(tmp_path, settings, registry)
+    assert len(back) == 39
+    q = back.search(text="bath towel", k=3)
+    assert q == v.search(text="bath towel", k=3)
+    other = offline_settings(image_model="torchvision:resnet18@random")
+    with pytest.raises(IndexMismatch, match="image_model"):
+        Vitrine.load(tmp_path, other)
+    with pytest.raises(NotFound):
+        Vitrine.load(tmp_path / "empty", settings)
+
+
+def test_predicted_labels_do_not_vote(settings, registry, small_catalog):
+    v = Vitrine(settings, registry)
+    v.build(small_catalog[:20])
+    v.upsert([Listing("u1", "Analog watch for men")])  # no category: predicted, not a voter
+    assert not v.meta["u1"].labelled
+    vote = v.classify(Listing("q", "Analog watch for boys"))
+    assert "u1" not in {n.id for n in vote.neighbours}
+    np.testing.assert_equal(len(v), 21)
