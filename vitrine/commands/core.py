@@ -50,6 +50,7 @@ def register(sub: argparse._SubParsersAction, _bench: object = None) -> argparse
     )
     p.add_argument("--data", type=Path, required=True, help="folder with the Flipkart CSV")
     p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3, help="CV repeats with other shuffles")
     p.add_argument("--limit", type=int, help="use only the first N listings (smoke runs)")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     add_model_flags(p)
@@ -156,7 +157,8 @@ def cmd_bench_core(args: argparse.Namespace) -> int:
     from evaluation.bench_core import run_core_bench
 
     result = run_core_bench(
-        args.data, settings_from_args(args), folds=args.folds, limit=args.limit
+        args.data, settings_from_args(args), folds=args.folds, limit=args.limit,
+        repeats=args.repeats,
     )
     if args.out:
         import json

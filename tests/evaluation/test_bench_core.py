@@ -1,0 +1,20 @@
+"""`vitrine bench core` on a slice of the dataset (the full run is the benchmark itself)."""
+
+import pytest
+
+from evaluation.bench_core import run_core_bench
+
+from ..conftest import DATA_DIR
+
+
+@pytest.mark.slow
+def test_core_bench_reports_every_modality(settings):
+    r = run_core_bench(DATA_DIR, settings, folds=2, limit=70, repeats=2)
+    assert r["listings"] == 70
+    assert set(r["cv"]["results"]) == {"text", "lexical", "image", "text+lexical", "fused"}
+    for m in r["cv"]["results"].values():
+        assert 0.0 <= m["macro_f1"] <= 1.0 and len(m["macro_f1_per_repeat"]) == 2
+    # 70 listings of one or two categories: voting is still far above chance
+    assert r["cv"]["results"]["fused"]["accuracy"] > 0.5
+    assert r["speed"]["text_listings_per_s"] > 0 and r["speed"]["image_listings_per_s"] > 0
+    assert r["latency_ms"]["search_k10"]["p99"] >= r["latency_ms"]["search_k10"]["p50"] > 0
