@@ -98,7 +98,9 @@ def cross_validate(
         sure = confs[name] >= settings.uncertain_below
         out[name] = {
             "accuracy": float(accuracy_score(y, p)),
-            "macro_f1": float(f1_score(y, p, average="macro")),
+            # over the real categories only: a listing the variant cannot vote on (no photo
+            # for "image") is a miss, not an extra "None" class dragging the average down
+            "macro_f1": float(f1_score(y, p, average="macro", labels=sorted(set(y)))),
             "uncertain_share": float(1 - sure.mean()),
             "accuracy_when_certain": float(accuracy_score(y[sure], p[sure])) if sure.any() else 0.0,
         }
