@@ -4,11 +4,18 @@
   monotonic counter, and ``_ids`` maps listing id -> int64 (``_keys`` the reverse). Upserting
   an id that is already there replaces its vector (old int removed, new one added).
 * **Index choice by size.** Up to ``exact_max`` vectors the index is exact
-  (``IndexFlatIP``: brute force, 100% recall, fast enough below ~200k on two cores). When an
-  upsert crosses the threshold the index is rebuilt as HNSW (``IndexHNSWFlat``, inner
-  product) from the stored vectors. HNSW cannot remove vectors, so deletes on it are
-  tombstones that searches skip (``IDSelectorNot``), and :meth:`compact` rebuilds without
-  them once they pile up.
+  (``IndexFlatIP``: brute force, 100% recall). Past it, the index is rebuilt as the
+  approximate kind ``ann`` (see ``vitrine bench search`` for the measurements behind it):
+
+  - ``ivf_sq8`` (default): an inverted file with ``nlist ~ 4 sqrt(n)`` lists and 8-bit scalar
+    quantised vectors (d + 8 bytes per vector); it removes vectors natively, and is retrained
+    (more lists) whenever the catalog has grown 4x since the last training;
+  - ``hnsw``: HNSW over full float vectors; fastest, but 4x the memory and it cannot remove
+    vectors: deletes are tombstones skipped at search time (``IDSelectorNot``) until
+    :meth:`compact` rebuilds without them.
+* **Rebuilds without downtime.** A rebuild (switch, retraining, compaction) copies the live
+  vectors under the lock, trains and fills the new index *outside* it while searches and
+  writes go on against the old one, then replays the writes made meanwhile and swaps.
 * Inner product over the fused vectors (see :mod:`indexer.fusion`).
 """
 
@@ -31,13 +38,99 @@ from .errors import IndexMismatch, InvalidInput
 CURRENT = "CURRENT"
 
 
+ANN_KINDS = ("ivf_sq8", "hnsw")
+KINDS = ("flat", *ANN_KINDS)
+
+
 @dataclass(frozen=True)
 class IndexConfig:
-    exact_max: int = 200_000
+    exact_max: int = 10_000
+    ann: str = "ivf_sq8"
+    nprobe: int = 16
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 64
     compact_ratio: float = 0.2  # rebuild an HNSW index when tombstones exceed this share
+    retrain_growth: float = 4.0  # retrain IVF when the catalog grew this much since training
+    background: bool = True  # rebuild in a thread (False: inline, e.g. in batch jobs)
+
+
+def ivf_nlist(n: int) -> int:
+    """Number of IVF lists: ~4 sqrt(n), a power of two, at least 16."""
+    return int(max(16, 2 ** round(np.log2(4 * np.sqrt(max(n, 1))))))
+
+
+def build_faiss_index(
+    kind: str,
+    x: np.ndarray,
+    ids: np.ndarray | None = None,
+    config: IndexConfig | None = None,
+) -> faiss.Index:
+    """A filled inner-product index of ``kind`` over ``x`` (ids default to row numbers).
+
+    Every kind answers ``add_with_ids``, ``search`` and ``reconstruct(id)`` on external ids.
+    """
+    cfg = config or IndexConfig()
+    n, d = x.shape
+    ids = np.arange(n, dtype=np.int64) if ids is None else ids
+    if kind == "flat":
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+    elif kind == "hnsw":
+        hnsw = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = cfg.hnsw_ef_construction
+        hnsw.hnsw.efSearch = cfg.hnsw_ef_search
+        index = faiss.IndexIDMap2(hnsw)
+    elif kind == "ivf_sq8":
+        nlist = ivf_nlist(n)
+        ivf = faiss.IndexIVFScalarQuantizer(
+            faiss.IndexFlatIP(d), d, nlist, faiss.ScalarQuantizer.QT_8bit,
+            faiss.METRIC_INNER_PRODUCT,
+        )
+        # faiss wants >= 39 points per centroid; more only slows training
+        rng = np.random.default_rng(0)
+        sample = x if n <= 40 * nlist else x[rng.choice(n, 40 * nlist, replace=False)]
+        ivf.train(np.ascontiguousarray(sample))
+        ivf.nprobe = cfg.nprobe
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct + remove by id
+        index = ivf
+    else:
+        raise ValueError(f"unknown index kind {kind!r}; choose from {KINDS}")
+    if n:
+        index.add_with_ids(np.ascontiguousarray(x), ids)
+    return index
+
+
+def kind_of(index: faiss.Index) -> str:
+    if isinstance(index, faiss.IndexIVF):
+        return "ivf_sq8"
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    return "hnsw" if isinstance(inner, faiss.IndexHNSW) else "flat"
+
+
+def index_bytes(index: faiss.Index) -> int:
+    """Serialized size: what the vectors, codes, ids and graph take in memory."""
+    return int(faiss.serialize_index(index).nbytes)
+
+
+@dataclass(frozen=True)
+class SearchKnob:
+    name: str
+    value: int
+
+    def apply(self, index: faiss.Index) -> None:
+        if self.name == "nprobe":
+            faiss.extract_index_ivf(index).nprobe = self.value
+        elif self.name == "efSearch":
+            faiss.downcast_index(index.index).hnsw.efSearch = self.value
+
+
+def tune_ann(kind: str) -> list[SearchKnob]:
+    """The search-time knob values a benchmark sweeps for ``kind``, cheapest first."""
+    if kind == "ivf_sq8":
+        return [SearchKnob("nprobe", v) for v in (4, 8, 16, 32, 64, 128)]
+    if kind == "hnsw":
+        return [SearchKnob("efSearch", v) for v in (16, 32, 64, 128, 256)]
+    return [SearchKnob("exact", 0)]
 
 
 class VectorIndex:
@@ -48,30 +141,21 @@ class VectorIndex:
             raise ValueError("index dimension must be positive")
         self.dim = dim
         self.config = config or IndexConfig()
+        if self.config.ann not in ANN_KINDS:
+            raise ValueError(f"unknown approximate index {self.config.ann!r}; use {ANN_KINDS}")
         self._lock = threading.RLock()
         self._ids: dict[str, int] = {}
         self._keys: dict[int, str] = {}
         self._next = 0
         self._tombstones: set[int] = set()
-        self._index = self._new_flat()
-
-    # --- construction -------------------------------------------------------------------
-    def _new_flat(self) -> faiss.Index:
-        return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-
-    def _new_hnsw(self) -> faiss.Index:
-        hnsw = faiss.IndexHNSWFlat(self.dim, self.config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        hnsw.hnsw.efConstruction = self.config.hnsw_ef_construction
-        hnsw.hnsw.efSearch = self.config.hnsw_ef_search
-        return faiss.IndexIDMap2(hnsw)
+        self._trained_at = 0  # catalog size the approximate index was trained for
+        self._journal: list[tuple[str, np.ndarray, np.ndarray | None]] | None = None
+        self._rebuild_thread: threading.Thread | None = None
+        self._index = build_faiss_index("flat", np.zeros((0, dim), np.float32))
 
     @property
     def kind(self) -> str:
-        return "hnsw" if isinstance(self._inner, faiss.IndexHNSW) else "flat"
-
-    @property
-    def _inner(self) -> faiss.Index:
-        return faiss.downcast_index(self._index.index)
+        return kind_of(self._index)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -98,21 +182,18 @@ class VectorIndex:
             for lid, n in zip(last, new, strict=True):
                 self._ids[lid] = int(n)
                 self._keys[int(n)] = lid
-            self._index.add_with_ids(np.ascontiguousarray(x[rows]), new)
-            if self.kind == "flat" and len(self._ids) > self.config.exact_max:
-                self._rebuild(hnsw=True)
+            xs = np.ascontiguousarray(x[rows])
+            self._index.add_with_ids(xs, new)
+            if self._journal is not None:
+                self._journal.append(("add", new, xs))
+            self._maybe_rebuild()
 
     def delete(self, ids: Iterable[str]) -> int:
         """Remove ids; unknown ids are ignored. Returns how many were removed."""
         with self._lock:
             ints = [self._ids.pop(lid) for lid in ids if lid in self._ids]
-            for n in ints:
-                self._keys.pop(n, None)
             self._remove_ints(ints)
-            if self._tombstones and len(self._tombstones) > self.config.compact_ratio * max(
-                1, len(self._ids)
-            ):
-                self.compact()
+            self._maybe_rebuild()
             return len(ints)
 
     def _remove_ints(self, ints: list[int]) -> None:
@@ -120,23 +201,80 @@ class VectorIndex:
             return
         for n in ints:
             self._keys.pop(n, None)
-        if self.kind == "flat":
-            self._index.remove_ids(np.asarray(ints, dtype=np.int64))
-        else:
+        arr = np.asarray(ints, dtype=np.int64)
+        if self.kind == "hnsw":
             self._tombstones.update(ints)
+        else:
+            self._index.remove_ids(arr)
+        if self._journal is not None:
+            self._journal.append(("remove", arr, None))
+
+    def _target_kind(self) -> str:
+        return self.config.ann if len(self._ids) > self.config.exact_max else "flat"
+
+    def _maybe_rebuild(self) -> None:
+        if self._rebuild_thread is not None:
+            return
+        n, kind, target = len(self._ids), self.kind, self._target_kind()
+        due = (
+            kind != target and (target != "flat" or n < self.config.exact_max // 2)
+        ) or (
+            kind == "ivf_sq8" and n > self.config.retrain_growth * max(self._trained_at, 1)
+        ) or (
+            self._tombstones and len(self._tombstones) > self.config.compact_ratio * max(1, n)
+        )
+        if not due:
+            return
+        if self.config.background:
+            self._rebuild_thread = threading.Thread(
+                target=self._rebuild, name="vitrine-index-rebuild", daemon=True
+            )
+            self._rebuild_thread.start()
+        else:
+            self._rebuild()
 
     def compact(self) -> None:
-        """Rebuild the index from the live vectors (drops HNSW tombstones)."""
-        with self._lock:
-            self._rebuild(hnsw=len(self._ids) > self.config.exact_max)
+        """Rebuild now (inline) from the live vectors: right kind for the size, no tombstones."""
+        self.wait_for_rebuild()
+        self._rebuild()
 
-    def _rebuild(self, *, hnsw: bool) -> None:
-        ints = np.fromiter(self._ids.values(), dtype=np.int64, count=len(self._ids))
-        x = self._reconstruct_ints(ints)
-        self._index = self._new_hnsw() if hnsw else self._new_flat()
-        self._tombstones.clear()
-        if len(ints):
-            self._index.add_with_ids(x, ints)
+    def wait_for_rebuild(self, timeout: float | None = None) -> None:
+        t = self._rebuild_thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout)
+
+    def _rebuild(self) -> None:
+        """Build the index anew outside the lock, replay concurrent writes, then swap."""
+        try:
+            with self._lock:
+                ints = np.fromiter(self._ids.values(), dtype=np.int64, count=len(self._ids))
+                x = self._reconstruct_ints(ints)
+                kind = self._target_kind()
+                self._journal = []
+            fresh = build_faiss_index(kind, x, ints, self.config)
+            with self._lock:
+                for op, ids, xs in self._journal:
+                    if op == "add":
+                        fresh.add_with_ids(xs, ids)
+                    elif kind == "hnsw":
+                        pass  # handled by the tombstone set below
+                    else:
+                        fresh.remove_ids(ids)
+                live = set(self._keys)
+                self._tombstones = (
+                    {int(n) for n in ints if int(n) not in live} if kind == "hnsw" else set()
+                )
+                if kind == "hnsw":
+                    for op, ids, _ in self._journal:
+                        if op == "add":
+                            continue
+                        self._tombstones.update(int(n) for n in ids)
+                self._index = fresh
+                self._trained_at = len(ints) if kind == "ivf_sq8" else 0
+        finally:
+            with self._lock:
+                self._journal = None
+                self._rebuild_thread = None
 
     # --- reads --------------------------------------------------------------------------
     def _check(self, vectors: np.ndarray) -> np.ndarray:
@@ -155,27 +293,36 @@ class VectorIndex:
         return np.vstack([self._index.reconstruct(int(n)) for n in ints]).astype(np.float32)
 
     def get(self, ids: Sequence[str]) -> np.ndarray:
-        """The stored vectors of ``ids`` (raises KeyError for an unknown id)."""
+        """The stored vectors of ``ids`` (raises KeyError for an unknown id).
+
+        Exact for flat and HNSW; 8-bit quantised (error ~1e-3) for ``ivf_sq8``.
+        """
         with self._lock:
             ints = np.asarray([self._ids[lid] for lid in ids], dtype=np.int64)
             return self._reconstruct_ints(ints)
 
     def search(
-        self, queries: np.ndarray, k: int, *, ef_search: int | None = None
+        self, queries: np.ndarray, k: int, *, effort: int | None = None
     ) -> list[list[tuple[str, float]]]:
-        """Top-``k`` ``(id, inner product)`` per query row, best first."""
+        """Top-``k`` ``(id, inner product)`` per query row, best first.
+
+        ``effort`` overrides the approximate index's knob (HNSW efSearch, IVF nprobe).
+        """
         q = self._check(queries)
         with self._lock:
             if not self._ids or k <= 0:
                 return [[] for _ in range(len(q))]
             kk = min(k, len(self._ids))
-            params = None
-            if self.kind == "hnsw":
-                ef = max(ef_search or self.config.hnsw_ef_search, kk)
+            kind = self.kind
+            params: faiss.SearchParameters | None = None
+            if kind == "hnsw":
+                ef = max(effort or self.config.hnsw_ef_search, kk)
                 params = faiss.SearchParametersHNSW(efSearch=ef)
                 if self._tombstones:
                     ts = np.fromiter(self._tombstones, dtype=np.int64)
                     params.sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(ts))
+            elif kind == "ivf_sq8":
+                params = faiss.SearchParametersIVF(nprobe=effort or self.config.nprobe)
             scores, ints = self._index.search(q, kk, params=params)
             keys = self._keys
             return [
@@ -186,7 +333,8 @@ class VectorIndex:
     # --- persistence --------------------------------------------------------------------
     def state(self) -> dict[str, object]:
         return {"dim": self.dim, "next": self._next, "ids": self._ids,
-                "tombstones": sorted(self._tombstones), "kind": self.kind}
+                "tombstones": sorted(self._tombstones), "kind": self.kind,
+                "trained_at": self._trained_at}
 
     def write(self, directory: Path) -> None:
         with self._lock:
@@ -202,8 +350,7 @@ class VectorIndex:
         self._keys = {v: k for k, v in self._ids.items()}
         self._next = int(state["next"])
         self._tombstones = set(state["tombstones"])
-        if self.kind == "hnsw":
-            faiss.downcast_index(self._index.index).hnsw.efSearch = self.config.hnsw_ef_search
+        self._trained_at = int(state.get("trained_at", 0))
         return self
 
 

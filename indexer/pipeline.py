@@ -105,6 +105,8 @@ class Vitrine:
         s = self.settings
         return IndexConfig(
             exact_max=s.exact_max,
+            ann=s.ann,
+            nprobe=s.nprobe,
             hnsw_m=s.hnsw_m,
             hnsw_ef_construction=s.hnsw_ef_construction,
             hnsw_ef_search=s.hnsw_ef_search,
@@ -408,11 +410,17 @@ class Vitrine:
         return self.vote_vector(fused[0], exclude=listing_id)
 
     # --- persistence ----------------------------------------------------------------------
-    def save(self, root: str | Path) -> Path:
-        """Write an atomic snapshot under ``root`` (see :func:`indexer.index.write_snapshot`)."""
+    def save(self, root: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write an atomic snapshot under ``root`` (see :func:`indexer.index.write_snapshot`).
+
+        ``extra`` (JSON) is stored in the same snapshot, e.g. the replication log position the
+        snapshot includes, so that the two can never disagree; read it with :func:`snapshot_extra`.
+        """
         fusion, index = self._require_ready()
 
         def write(d: Path) -> None:
+            if extra is not None:
+                (d / "extra.json").write_text(json.dumps(extra))
             index.write(d)
             (d / "manifest.json").write_text(json.dumps(self.manifest(), indent=2))
             (d / "meta.json").write_text(
@@ -449,3 +457,11 @@ class Vitrine:
         self.index = VectorIndex.read(snap, self._index_config())
         self.meta = {k: ListingMeta(**v) for k, v in json.loads((snap / "meta.json").read_text()).items()}
         return self
+
+
+def snapshot_extra(root: str | Path) -> dict[str, Any]:
+    """The ``extra`` dict saved with the current snapshot under ``root`` ({} when none)."""
+    snap = current_snapshot(Path(root))
+    if snap is None or not (snap / "extra.json").is_file():
+        return {}
+    return dict(json.loads((snap / "extra.json").read_text()))

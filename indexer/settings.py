@@ -62,8 +62,12 @@ class Settings(BaseSettings):
         0.5, ge=0.0, le=1.0, description="Confidence under which a vote is 'uncertain'."
     )
     exact_max: int = Field(
-        200_000, ge=0, description="Catalogs up to this size use an exact flat index."
+        10_000, ge=0, description="Catalogs up to this size use an exact flat index."
     )
+    ann: Literal["ivf_sq8", "hnsw"] = Field(
+        "ivf_sq8", description="The approximate index used past exact_max."
+    )
+    nprobe: int = Field(16, ge=1, description="IVF lists visited per query.")
     hnsw_m: int = Field(32, ge=4, le=128)
     hnsw_ef_search: int = Field(64, ge=8)
     hnsw_ef_construction: int = Field(80, ge=8)
@@ -81,6 +85,31 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(None, description="redis://... ; unset = embedded mode.")
     api_key: str | None = None
     environment: Literal["development", "production"] = "development"
+
+    # --- service (services/, workers/) ----------------------------------------------------
+    redis_prefix: str = Field(
+        "vitrine", description="Namespace of every Redis key, stream and Celery queue."
+    )
+    allow_private_urls: bool = Field(
+        False, description="Let workers fetch image_url from loopback/private/link-local hosts."
+    )
+    fetch_timeout: float = Field(10.0, gt=0, description="Seconds to fetch an image_url.")
+    max_request_bytes: int = Field(
+        30 * 1024 * 1024, ge=1024, description="Largest HTTP request body accepted."
+    )
+    snapshot_every: int = Field(
+        1000, ge=1, description="Write an index snapshot after this many log entries."
+    )
+    snapshot_interval: float = Field(
+        60.0, gt=0, description="...or this many seconds after the last change."
+    )
+    worker_concurrency: int = Field(1, ge=1, description="Prefork processes per `vitrine worker`.")
+    visibility_timeout: float = Field(
+        300.0, gt=0, description="Seconds before a task a dead worker held is redelivered."
+    )
+    broker_timeout: float = Field(
+        3.0, gt=0, description="Seconds before an unreachable broker is reported."
+    )
 
     @field_validator("text_model", "image_model")
     @classmethod

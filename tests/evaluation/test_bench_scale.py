@@ -1,0 +1,45 @@
+"""`vitrine bench search` / `bench ingest` on small inputs (full runs are the benchmarks)."""
+
+import numpy as np
+import pytest
+
+from evaluation.bench_ingest import run_ingest_bench
+from evaluation.bench_search import clustered_vectors, recall_at_k, run_search_bench
+
+from ..conftest import DATA_DIR
+
+
+def test_synthetic_vectors_are_clustered_not_uniform():
+    x = clustered_vectors(2000, 64, clusters=20)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    sims = x[:200] @ x[:200].T
+    # same-cluster pairs are far more similar than uniform noise would be (~0 in 64-d)
+    assert np.percentile(sims[~np.eye(200, dtype=bool)], 95) > 0.3
+
+
+def test_recall_of_each_index_type_against_exact_search():
+    r = run_search_bench(20_000, 32, 10, kinds=["flat", "ivf_sq8", "hnsw"], queries=200,
+                         single_queries=50)
+    by_kind = {i["kind"]: i for i in r["indexes"]}
+    assert by_kind["flat"]["sweep"][0]["recall"] == 1.0
+    for kind in ("ivf_sq8", "hnsw"):
+        recalls = [row["recall"] for row in by_kind[kind]["sweep"]]
+        assert recalls == sorted(recalls)  # more effort, more recall (monotone)
+        assert by_kind[kind]["at_target_recall"] is not None  # reaches 0.95
+        assert by_kind[kind]["at_target_recall"]["recall"] >= 0.95
+    # SQ8 codes: d bytes + an 8-byte id, far below flat float32 (4 d)
+    assert by_kind["ivf_sq8"]["bytes_per_vector"] < by_kind["flat"]["bytes_per_vector"] / 2
+
+
+def test_recall_helper():
+    truth = np.array([[1, 2, 3], [4, 5, 6]])
+    assert recall_at_k(np.array([[1, 2, 9], [6, 5, 4]]), truth) == pytest.approx(5 / 6)
+
+
+@pytest.mark.slow
+def test_ingest_bench_batched_vs_one_by_one(settings):
+    r = run_ingest_bench(DATA_DIR, settings, n=24, seed_size=30)
+    assert r["listings"] == 24
+    assert r["batched_listings_per_s"] > 0 and r["one_by_one_listings_per_s"] > 0
+    assert {"text_encode", "image_encode", "fuse", "index_upsert"} <= set(
+        r["stages_listings_per_s"])

@@ -1,0 +1,56 @@
+"""``vitrine bench search`` and ``vitrine bench ingest`` (scale and speed, JSON output)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .common import add_model_flags, print_json, settings_from_args
+
+
+def register(_sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
+    p = bench.add_parser("search", help="index types side by side on clustered vectors")
+    p.add_argument("--n", type=int, default=1_000_000, help="vectors in the index")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--kinds", default="flat,ivf_sq8,hnsw",
+                   help="comma-separated: flat, ivf_sq8, hnsw")
+    p.add_argument("--queries", type=int, default=1000, help="queries for recall and QPS")
+    p.add_argument("--single", type=int, default=300, help="queries timed one at a time")
+    p.add_argument("--json", action="store_true", help="JSON only on stdout (default too)")
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+    p.set_defaults(func=cmd_search)
+
+    p = bench.add_parser("ingest", help="encode -> fuse -> index listings/s, batched vs one by one")
+    p.add_argument("--data", type=Path, required=True, help="folder with the Flipkart CSV")
+    p.add_argument("--n", type=int, default=200, help="listings to ingest")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", type=Path)
+    add_model_flags(p)
+    p.set_defaults(func=cmd_ingest)
+
+
+def _emit(result: dict, out: Path | None) -> int:
+    if out:
+        out.write_text(json.dumps(result, indent=2))
+    print_json(result)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from evaluation.bench_search import run_search_bench
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    result = run_search_bench(
+        args.n, args.dim, args.k, kinds=kinds, queries=args.queries,
+        single_queries=args.single, progress=lambda m: print(m, file=sys.stderr, flush=True),
+    )
+    return _emit(result, args.out)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from evaluation.bench_ingest import run_ingest_bench
+
+    return _emit(run_ingest_bench(args.data, settings_from_args(args), n=args.n), args.out)
