@@ -102,7 +102,9 @@ def cross_validate(
             # for "image") is a miss, not an extra "None" class dragging the average down
             "macro_f1": float(f1_score(y, p, average="macro", labels=sorted(set(y)))),
             "uncertain_share": float(1 - sure.mean()),
-            "accuracy_when_certain": float(accuracy_score(y[sure], p[sure])) if sure.any() else 0.0,
+            "accuracy_when_certain": (
+                float(accuracy_score(y[sure], p[sure])) if sure.any() else 0.0
+            ),
         }
     return out
 
@@ -204,7 +206,8 @@ def run_core_bench(
         "knn": {"k": settings.knn_k, "pool": settings.knn_pool,
                 "temperature": settings.knn_temperature,
                 "uncertain_below": settings.uncertain_below},
-        "cv": {"folds": folds, "repeats": repeats, "first_seed": seed, "seconds": round(cv_s, 1), "results": cv},
+        "cv": {"folds": folds, "repeats": repeats, "first_seed": seed,
+               "seconds": round(cv_s, 1), "results": cv},
         "speed": speed,
         "latency_ms": {"index_size": len(v), "index_kind": v.index.kind,
                        "search_k10": pct(search_ms), "vote": pct(vote_ms)},

@@ -8,6 +8,8 @@ with a naive loop that upserts one listing at a time. The ratio is the headline 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +45,11 @@ def run_ingest_bench(
     v = _seeded(settings, registry, seed)
     stages: dict[str, float] = {}
 
-    def timed(name: str, fn: Any) -> Any:
+    @contextmanager
+    def stage(name: str) -> Iterator[None]:
         t0 = time.perf_counter()
-        out = fn()
+        yield
         stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
-        return out
 
     bs = settings.batch_size
     t_all = time.perf_counter()
@@ -56,26 +58,28 @@ def run_ingest_bench(
         vectors: dict[str, np.ndarray] = {}
         present: dict[str, np.ndarray] = {}
         if v.text_spec:
-            enc = registry.text()
-            vectors["text"] = timed("text_encode", lambda: enc.encode(
-                [semantic_text(x) for x in chunk]))
+            with stage("text_encode"):
+                vectors["text"] = registry.text().encode([semantic_text(x) for x in chunk])
             present["text"] = np.ones(len(chunk), bool)
         if v.lexical is not None:
-            lex = v.lexical
-            vectors["lexical"] = timed("lexical_encode", lambda: lex.encode(
-                [lexical_text(x) for x in chunk]))
+            with stage("lexical_encode"):
+                vectors["lexical"] = v.lexical.encode([lexical_text(x) for x in chunk])
             present["lexical"] = np.ones(len(chunk), bool)
         if v.image_spec:
             ienc = registry.image()
-            imgs = timed("image_decode", lambda: [v._decode(x) for x in chunk])
+            with stage("image_decode"):
+                imgs = [v._decode(x) for x in chunk]
             ok = [i for i, im in enumerate(imgs) if im is not None]
             img_vec = np.zeros((len(chunk), ienc.dim), np.float32)
             if ok:
-                img_vec[ok] = timed("image_encode", lambda: ienc.encode([imgs[i] for i in ok]))
+                with stage("image_encode"):
+                    img_vec[ok] = ienc.encode([imgs[i] for i in ok])
             vectors["image"] = img_vec
             present["image"] = np.isin(np.arange(len(chunk)), ok)
-        fused = timed("fuse", lambda: v.fuse(Embedded(vectors, present)))
-        timed("index_upsert", lambda: v._add(chunk, fused, set()))
+        with stage("fuse"):
+            fused = v.fuse(Embedded(vectors, present))
+        with stage("index_upsert"):
+            v._add(chunk, fused, set())
     batched_s = time.perf_counter() - t_all
 
     # Naive: one listing per upsert call, into a fresh copy of the same seeded index.

@@ -75,12 +75,12 @@ def decode_image(
             if thumbnail and img.format == "JPEG":
                 img.draft("RGB", (thumbnail, thumbnail))
             img.load()
-            img = ImageOps.exif_transpose(img) or img
-            if img.mode != "RGB":
-                img = _to_rgb(img)
-            if thumbnail and max(img.size) > thumbnail:
-                img.thumbnail((thumbnail, thumbnail), Image.Resampling.BILINEAR)
-            return img
+            out: Image.Image = ImageOps.exif_transpose(img) or img
+            if out.mode != "RGB":
+                out = _to_rgb(out)
+            if thumbnail and max(out.size) > thumbnail:
+                out.thumbnail((thumbnail, thumbnail), Image.Resampling.BILINEAR)
+            return out
     except ImageError:
         raise
     except Image.DecompressionBombError as e:

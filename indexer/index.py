@@ -29,12 +29,16 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import faiss
+import faiss as _faiss
 import numpy as np
 
 from .errors import IndexMismatch, InvalidInput
 
+# faiss's bundled stubs describe the SWIG C++ signatures (remove_ids(IDSelector), ...), not
+# the numpy-friendly methods its Python layer installs, so it is typed as Any here.
+faiss: Any = _faiss
 CURRENT = "CURRENT"
 
 

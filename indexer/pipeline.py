@@ -455,7 +455,8 @@ class Vitrine:
             state = pickle.load(f)
         self.fusion, self.lexical = state["fusion"], state["lexical"]
         self.index = VectorIndex.read(snap, self._index_config())
-        self.meta = {k: ListingMeta(**v) for k, v in json.loads((snap / "meta.json").read_text()).items()}
+        meta = json.loads((snap / "meta.json").read_text())
+        self.meta = {k: ListingMeta(**v) for k, v in meta.items()}
         return self
 
 

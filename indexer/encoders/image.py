@@ -152,7 +152,8 @@ def load_timm(spec: str, arch: str, weights: str | None, **kw: Any) -> TorchImag
         raise ModelSpecError(f"cannot load {spec!r} (offline?): {e}") from e
     cfg = resolve_data_config({}, model=model)
     preprocess = create_transform(**cfg)
-    return TorchImageEncoder(spec, model, preprocess, int(model.num_features), **kw)
+    dim = int(getattr(model, "num_features"))  # noqa: B009 - typed as Tensor|Module
+    return TorchImageEncoder(spec, model, preprocess, dim, **kw)
 
 
 def build_torchvision_backbone(arch: str, weights: str | None, spec: str) -> Any:

@@ -21,7 +21,8 @@ def exact_top(x, q, k):
 def recall(index, x, ids, q, k):
     truth = exact_top(x, q, k)
     got = index.search(q, k)
-    hits = sum(len({ids[j] for j in t} & {h for h, _ in g}) for t, g in zip(truth, got))
+    pairs = zip(truth, got, strict=True)
+    hits = sum(len({ids[j] for j in t} & {h for h, _ in g}) for t, g in pairs)
     return hits / (len(q) * k)
 
 

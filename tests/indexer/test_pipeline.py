@@ -31,7 +31,7 @@ def test_build_indexes_every_listing_with_fused_blocks(built, small_catalog):
 
 def test_held_out_listings_are_categorized(built, held_out):
     votes = built.classify_many(held_out)
-    correct = sum(v.category == x.category for v, x in zip(votes, held_out))
+    correct = sum(v.category == x.category for v, x in zip(votes, held_out, strict=True))
     assert correct / len(held_out) >= 0.85
     for v in votes:
         assert 0.0 <= v.confidence <= 1.0

@@ -73,7 +73,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from indexer.catalog import read_listings, write_bad_rows
+    from indexer.catalog import read_listings
     from indexer.pipeline import Vitrine
 
     settings = settings_from_args(args)
@@ -149,7 +149,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                     for h in hits])
         return 0
     for rank, h in enumerate(hits, 1):
-        print(f"{rank:>3}  {h.score:6.3f}  {(h.category or '-')[:28]:<28}  {h.title[:70]}  [{h.id}]")
+        cat = (h.category or "-")[:28]
+        print(f"{rank:>3}  {h.score:6.3f}  {cat:<28}  {h.title[:70]}  [{h.id}]")
     return 0
 
 
