@@ -50,7 +50,7 @@ KINDS = ("flat", *ANN_KINDS)
 class IndexConfig:
     exact_max: int = 10_000
     ann: str = "ivf_sq8"
-    nprobe: int = 16
+    nprobe: int = 32
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 64

@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     ann: Literal["ivf_sq8", "hnsw"] = Field(
         "ivf_sq8", description="The approximate index used past exact_max."
     )
-    nprobe: int = Field(16, ge=1, description="IVF lists visited per query.")
+    nprobe: int = Field(32, ge=1, description="IVF lists visited per query.")
     hnsw_m: int = Field(32, ge=4, le=128)
     hnsw_ef_search: int = Field(64, ge=8)
     hnsw_ef_construction: int = Field(80, ge=8)

@@ -1,0 +1,1 @@
+"""Celery workers: ingestion of new-listing events (see :mod:`workers.app`)."""

@@ -1,0 +1,21 @@
+# One image for the API and the workers; the command picks the role (see docker-compose.yml).
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VITRINE_DATA_DIR=/data
+WORKDIR /app
+
+# CPU-only torch wheels: the CUDA ones are several GB and unused here
+COPY pyproject.toml README.md ./
+COPY indexer ./indexer
+COPY services ./services
+COPY workers ./workers
+COPY evaluation ./evaluation
+COPY vitrine ./vitrine
+RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu . \
+    && useradd --create-home --uid 1000 vitrine \
+    && mkdir -p /data && chown vitrine /data
+USER vitrine
+VOLUME ["/data"]
+EXPOSE 8000
+CMD ["vitrine", "serve", "--host", "0.0.0.0", "--port", "8000"]

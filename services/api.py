@@ -1,0 +1,415 @@
+"""The HTTP API: thin routes over :class:`~services.runtime.Runtime` (see docs/service.md).
+
+Blocking work (embedding a query, a vote) runs in sync routes, which FastAPI runs in its
+thread pool, never on the event loop. Domain errors map to HTTP errors in one place.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+from indexer.catalog import make_listing, validate_id
+from indexer.errors import ImageError, IndexMismatch, InvalidInput, NotFound, VitrineError
+from indexer.images import decode_image
+from indexer.settings import Settings
+
+from .fetch import check_url
+from .runtime import BrokerUnavailable, Runtime, new_version
+
+log = logging.getLogger(__name__)
+
+
+# --- schemas ------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ListingIn(_Strict):
+    id: StrictStr
+    title: StrictStr
+    description: StrictStr | None = None
+    image_base64: StrictStr | None = None
+    image_url: StrictStr | None = None
+    category: StrictStr | None = Field(None, description="The seller's label, optional.")
+
+
+class Accepted(BaseModel):
+    id: str
+    status: Literal["queued"] = "queued"
+    status_url: str
+
+
+class ListingStatus(BaseModel):
+    id: str
+    status: Literal["queued", "indexed", "failed"]
+    category: str | None = None
+    confidence: float | None = None
+    uncertain: bool | None = None
+    source: Literal["seller", "predicted"] | None = None
+    error: str | None = None
+    warning: str | None = None
+
+
+class SearchIn(_Strict):
+    text: StrictStr | None = None
+    image_base64: StrictStr | None = None
+    listing_id: StrictStr | None = None
+    k: int = Field(10, ge=1, le=1000, strict=True)
+    category: StrictStr | None = None
+
+
+class Hit(BaseModel):
+    id: str
+    score: float
+    category: str | None
+    title: str
+
+
+class SearchOut(BaseModel):
+    results: list[Hit]
+
+
+class ClassifyIn(_Strict):
+    title: StrictStr
+    description: StrictStr | None = None
+    image_base64: StrictStr | None = None
+
+
+class ClassifyOut(BaseModel):
+    category: str | None
+    confidence: float
+    uncertain: bool
+    scores: dict[str, float]
+    neighbours: list[Hit]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    mode: Literal["embedded", "redis"]
+    broker: Literal["ok", "down", "none"]
+    index_size: int
+    models_loaded: bool
+    queue_depth: int | None
+
+
+# --- metrics -------------------------------------------------------------------------------
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_depth = Gauge("vitrine_queue_depth", "Listings waiting to be indexed",
+                                 registry=r)
+        self.index_size = Gauge("vitrine_index_size", "Listings in this process's index",
+                                registry=r)
+        self.search_latency = Histogram(
+            "vitrine_search_seconds", "POST /search latency", registry=r,
+            buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.ingest_latency = Histogram(
+            "vitrine_ingest_accept_seconds", "POST /listings latency (validate + enqueue)",
+            registry=r, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.requests = Counter("vitrine_requests", "Requests by route and outcome",
+                                ["route", "outcome"], registry=r)
+
+
+# --- helpers -------------------------------------------------------------------------------
+def _b64(data: str, settings: Settings) -> bytes:
+    if len(data) > settings.max_image_bytes * 4 // 3 + 8:
+        raise ImageError(f"image is larger than {settings.max_image_bytes} bytes")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InvalidInput("image_base64 is not valid base64") from e
+
+
+def _check_image(raw: bytes, settings: Settings) -> bytes:
+    # decode now so that a corrupt photo or a bomb is refused before it is accepted
+    decode_image(raw, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+    return raw
+
+
+def get_rt(request: Request) -> Runtime:
+    return request.app.state.runtime  # type: ignore[no-any-return]
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_rt)]
+
+
+def require_key(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> None:
+    expected = request.app.state.settings.api_key
+    if expected and x_api_key != expected:
+        raise HTTPException(401, "missing or wrong X-API-Key")
+
+
+WriteAccess = Depends(require_key)
+
+
+# --- app ---------------------------------------------------------------------------------
+def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
+    """The FastAPI app. ``runtime`` is built in the lifespan unless one is given."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        rt = runtime or Runtime(settings)
+        if rt.mode == "redis" and rt.celery is None:
+            from workers.app import make_celery
+
+            rt.celery = make_celery(settings)
+        rt.start()  # models load here, before the first request, not during one
+        app.state.runtime = rt
+        yield
+        rt.stop()
+
+    app = FastAPI(
+        title="vitrine",
+        version="0.1.0",
+        description="Categorize marketplace listings and find similar products.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics = Metrics()
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Any) -> Any:
+        length = request.headers.get("content-length")
+        limit = settings.max_request_bytes
+        if length is not None and length.isdigit() and int(length) > limit:
+            return JSONResponse({"detail": f"request body larger than {limit} bytes"}, 413)
+        if length is None and request.method in ("POST", "PUT", "PATCH"):
+            body = b""
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    return JSONResponse({"detail": f"request body larger than {limit} bytes"},
+                                        413)
+            request._body = body  # already read: routes parse it from here
+        return await call_next(request)
+
+    @app.exception_handler(VitrineError)
+    async def domain_error(request: Request, exc: VitrineError) -> JSONResponse:
+        code = 422
+        if isinstance(exc, NotFound):
+            code = 404
+        elif isinstance(exc, ImageError) and "larger than" in str(exc):
+            code = 413
+        elif isinstance(exc, BrokerUnavailable):
+            code = 503
+        elif isinstance(exc, IndexMismatch):
+            code = 409
+        metrics.requests.labels(request.url.path.split("/")[1], f"{code}").inc()
+        return JSONResponse({"detail": str(exc)}, code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # a broker that went away after start-up: say so, and never show a traceback
+        name = f"{type(exc).__module__}.{type(exc).__name__}"
+        if name.startswith(("redis.", "kombu.")) or "OperationalError" in name:
+            return JSONResponse({"detail": f"the broker is unavailable: {exc}"}, 503)
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse({"detail": "internal error"}, 500)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        msgs = []
+        for e in exc.errors():
+            where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+            msgs.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+        return JSONResponse({"detail": "; ".join(msgs), "errors": _jsonable(exc.errors())}, 422)
+
+    # -- listings --
+    @app.post("/listings", status_code=202, response_model=Accepted, dependencies=[WriteAccess],
+              summary="Submit a new listing (JSON or multipart); indexed asynchronously",
+              responses={401: {}, 404: {}, 413: {}, 422: {}},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": ListingIn.model_json_schema()},
+                  "multipart/form-data": {"schema": _multipart_schema()},
+              }}})
+    def post_listing(request: Request, rt: RuntimeDep, body: BodyDep) -> Accepted:
+        t0 = time.perf_counter()
+        data, image = body["data"], body["image"]
+        if isinstance(data, dict):
+            try:
+                parsed = ListingIn.model_validate(data)
+            except Exception as e:
+                raise RequestValidationError(getattr(e, "errors", lambda: [])()) from e
+        else:
+            raise InvalidInput("the body must be a JSON object")
+        if parsed.image_base64 is not None:
+            if image is not None:
+                raise InvalidInput("give image_base64 or an image file, not both")
+            image = _b64(parsed.image_base64, settings)
+        if image is not None and parsed.image_url is not None:
+            raise InvalidInput("give an image or an image_url, not both")
+        if image is not None:
+            _check_image(image, settings)
+        if parsed.image_url is not None:
+            check_url(parsed.image_url, settings.allow_private_urls)
+        listing = make_listing(parsed.id, parsed.title, parsed.description,
+                               image=image, category=parsed.category)
+        if not listing.title and not listing.description and image is None \
+                and parsed.image_url is None:
+            raise InvalidInput("listing has no title, no description and no photo")
+        payload = {
+            "id": listing.id, "title": listing.title, "description": listing.description,
+            "category": listing.category, "image_url": parsed.image_url,
+            "version": new_version(),
+        }
+        rt.enqueue(payload, image)
+        metrics.ingest_latency.observe(time.perf_counter() - t0)
+        metrics.requests.labels("listings", "202").inc()
+        return Accepted(id=listing.id, status_url=str(request.url_for("get_listing",
+                                                                       listing_id=listing.id)))
+
+    @app.get("/listings/{listing_id}", response_model=ListingStatus, name="get_listing",
+             response_model_exclude_none=True)
+    def get_listing(listing_id: str, rt: RuntimeDep) -> ListingStatus:
+        lid = validate_id(listing_id)
+        st = rt.status.get(lid)
+        if st is not None:
+            fields = {k: st.get(k) for k in ListingStatus.model_fields if k in st}
+            return ListingStatus(id=lid, **fields)
+        meta = rt.replica.v.meta.get(lid)
+        if meta is None:
+            raise NotFound(f"unknown listing {lid!r}")
+        info = rt.replica.info.get(lid, {})
+        return ListingStatus(
+            id=lid, status="indexed", category=meta.category,
+            confidence=info.get("confidence", 1.0 if meta.labelled else None),
+            uncertain=info.get("uncertain", False if meta.labelled else None),
+            source="predicted" if meta.source == "predicted" else "seller",
+        )
+
+    @app.delete("/listings/{listing_id}", dependencies=[WriteAccess])
+    def delete_listing(listing_id: str, rt: RuntimeDep) -> dict[str, Any]:
+        lid = validate_id(listing_id)
+        if rt.status.get(lid) is None and lid not in rt.replica.v.meta:
+            raise NotFound(f"unknown listing {lid!r}")
+        pos = rt.delete(lid)
+        rt.replica.wait_for(pos, timeout=5)  # read-your-writes in this process
+        return {"id": lid, "deleted": True}
+
+    # -- queries --
+    @app.post("/search", response_model=SearchOut)
+    def search(q: SearchIn, rt: RuntimeDep) -> SearchOut:
+        t0 = time.perf_counter()
+        given = [x for x in (q.text, q.image_base64, q.listing_id) if x]
+        if len(given) == 0:
+            raise InvalidInput("give a text, an image_base64 or a listing_id to search with")
+        if q.listing_id and len(given) > 1:
+            raise InvalidInput("listing_id cannot be combined with text or image_base64")
+        image = _check_image(_b64(q.image_base64, settings), settings) if q.image_base64 else None
+        if q.text is not None and len(q.text) > 10_000:
+            raise InvalidInput("text longer than 10000 characters")
+        hits = rt.replica.v.search(text=q.text, image=image,
+                                   listing_id=validate_id(q.listing_id) if q.listing_id else None,
+                                   k=q.k, category=q.category)
+        metrics.search_latency.observe(time.perf_counter() - t0)
+        return SearchOut(results=[Hit(id=h.id, score=h.score, category=h.category,
+                                      title=h.title) for h in hits])
+
+    @app.post("/classify", response_model=ClassifyOut)
+    def classify(q: ClassifyIn, rt: RuntimeDep) -> ClassifyOut:
+        image = _check_image(_b64(q.image_base64, settings), settings) if q.image_base64 else None
+        listing = make_listing("draft", q.title, q.description, image=image)
+        vote = rt.replica.v.classify(listing)
+        return ClassifyOut(
+            category=vote.category, confidence=vote.confidence, uncertain=vote.uncertain,
+            scores=vote.scores,
+            neighbours=[Hit(id=n.id, score=n.score, category=n.category, title=n.title)
+                        for n in vote.neighbours],
+        )
+
+    # -- operations --
+    @app.get("/health", response_model=Health)
+    def health(rt: RuntimeDep) -> Health:
+        broker = "none"
+        depth: int | None = None
+        try:
+            if rt.redis is not None:
+                rt.redis.ping()
+                broker = "ok"
+            depth = rt.queue_depth()
+        except Exception:
+            broker = "down"
+        v = rt.replica.v
+        have = set(rt.registry.loaded())
+        loaded = all(f"{kind}:{spec}" in have
+                     for kind, spec in (("text", v.text_spec), ("image", v.image_spec)) if spec)
+        return Health(status="ok" if broker != "down" else "degraded", mode=rt.mode,
+                      broker=broker, index_size=len(v), models_loaded=loaded, queue_depth=depth)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prom(rt: RuntimeDep) -> Response:
+        try:
+            metrics.queue_depth.set(rt.queue_depth())
+        except Exception:  # broker down: the gauge keeps its last value
+            pass
+        metrics.index_size.set(len(rt.replica.v))
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    """JSON or multipart (an ``image`` file plus the same fields) -> {data, image}."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form()
+        data: dict[str, Any] = {}
+        image = None
+        for key, value in form.multi_items():
+            if key == "image":
+                if isinstance(value, str):
+                    raise InvalidInput("multipart field 'image' must be a file")
+                image = await value.read()
+            else:
+                if not isinstance(value, str):
+                    raise InvalidInput(f"multipart field {key!r} must be text, not a file")
+                data[key] = value
+        return {"data": data, "image": image}
+    if ctype.startswith("application/json") or not ctype:
+        try:
+            data = await request.json()
+        except ValueError as e:
+            raise InvalidInput(f"body is not valid JSON: {e}") from e
+        return {"data": data, "image": None}
+    raise InvalidInput(f"unsupported content-type {ctype!r}: send JSON or multipart/form-data")
+
+
+BodyDep = Annotated[dict[str, Any], Depends(_body)]
+
+
+def _multipart_schema() -> dict[str, Any]:
+    schema = ListingIn.model_json_schema()
+    props = dict(schema["properties"])
+    props.pop("image_base64", None)
+    props["image"] = {"type": "string", "format": "binary", "description": "the photo"}
+    return {**schema, "properties": props}
+
+
+def _jsonable(errors: Any) -> Any:
+    out = []
+    for e in errors:
+        out.append({k: (v if isinstance(v, str | int | float | list | type(None)) else str(v))
+                    for k, v in e.items() if k in ("loc", "msg", "type")})
+    return out

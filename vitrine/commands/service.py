@@ -1,0 +1,108 @@
+"""Service commands: ``vitrine serve`` (HTTP API) and ``vitrine worker`` (Celery ingestion)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .common import add_model_flags, settings_from_args
+
+
+def register(sub: argparse._SubParsersAction, bench_sub: object = None) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve the HTTP API (embedded in-process indexing unless VITRINE_BROKER_URL is set)",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--catalog", type=Path,
+                   help="seed an empty index with this labelled catalog CSV first")
+    p.add_argument("--images", type=Path, help="photos of --catalog (default: images/ beside it)")
+    p.add_argument("--data-dir", type=Path, help="state folder (default: VITRINE_DATA_DIR)")
+    add_model_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="consume ingestion tasks from VITRINE_BROKER_URL (Celery)")
+    p.add_argument("--concurrency", type=int, help="prefork processes (VITRINE_WORKER_CONCURRENCY)")
+    p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
+    p.add_argument("--data-dir", type=Path, help="state folder (default: VITRINE_DATA_DIR)")
+    add_model_flags(p)
+    p.set_defaults(func=cmd_worker)
+
+    if bench_sub is not None:
+        p = bench_sub.add_parser(  # type: ignore[attr-defined]
+            "service", help="ingest throughput vs bare encoders; POST /search latency over HTTP"
+        )
+        p.add_argument("--data", type=Path, required=True, help="folder with the Flipkart CSV")
+        p.add_argument("--ingest", type=int, default=200, help="listings ingested end to end")
+        p.add_argument("--size", type=int, default=100_000,
+                       help="index size for the search latency (synthetic vectors added)")
+        p.add_argument("--queries", type=int, default=500)
+        p.add_argument("--out", type=Path, help="also write the JSON here")
+        add_model_flags(p)
+        p.set_defaults(func=cmd_bench_service)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from indexer.errors import VitrineError
+    from services.api import create_app
+    from services.runtime import Runtime, seed
+
+    settings = settings_from_args(args)
+    if settings.environment == "production" and not settings.api_key:
+        raise VitrineError("VITRINE_ENVIRONMENT=production needs VITRINE_API_KEY for the write "
+                           "endpoints")
+    if args.catalog:
+        print(seed(settings, args.catalog, args.images), file=sys.stderr)
+    runtime = Runtime(settings)  # fails fast, with a clear message, if the broker is down
+    try:
+        uvicorn.run(create_app(settings, runtime), host=args.host, port=args.port,
+                    log_level="info", timeout_graceful_shutdown=10)
+    finally:
+        runtime.stop()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from indexer.errors import VitrineError
+    from services.runtime import connect_redis
+    from workers.app import create_app
+
+    settings = settings_from_args(args, worker_concurrency=args.concurrency)
+    if not settings.broker_url:
+        raise VitrineError(
+            "`vitrine worker` needs VITRINE_BROKER_URL=redis://...; without a broker, "
+            "`vitrine serve` indexes in-process"
+        )
+    connect_redis(settings)  # a clear error now rather than Celery's retry loop
+    app = create_app(settings)
+    app.worker_main([
+        "worker", "--loglevel=INFO", f"--pool={args.pool}",
+        f"--concurrency={settings.worker_concurrency}",
+        f"--queues={settings.redis_prefix}.ingest",
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+        f"--hostname={settings.redis_prefix}-worker-{os.getpid()}@%h",
+    ])
+    return 0
+
+
+def cmd_bench_service(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+
+    from services.bench import run_service_bench
+
+    from .common import print_json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = settings_from_args(args, data_dir=Path(tmp), broker_url="")
+        result = run_service_bench(settings, args.data, n_ingest=args.ingest, size=args.size,
+                                   queries=args.queries)
+    print_json(result)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2, default=float))
+    return 0
