@@ -2,20 +2,27 @@
 
 The same listings are ingested twice in one run, into two copies of one seeded index: in
 batches (the way ``Vitrine.upsert`` and the workers do it) with the time of each stage, and
-with a naive loop that upserts one listing at a time. The ratio is the headline number.
+with a naive loop that upserts one listing at a time. The two are **interleaved** in rounds
+(a slice batched, the same slice one by one, next slice...) so that whatever else the machine
+is doing weighs on both alike; the ratio is the headline number.
+
+``sweep=True`` adds the encoder speed grid: listings/s of each encoder per batch size and
+torch thread count, on the same listings.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from indexer.catalog import read_listings
+from indexer.catalog import Listing, read_listings
+from indexer.encoders.base import configure_torch
 from indexer.encoders.registry import ModelRegistry
 from indexer.pipeline import Embedded, Vitrine, lexical_text, semantic_text
 from indexer.settings import Settings
@@ -23,14 +30,95 @@ from indexer.settings import Settings
 CSV_NAME = "flipkart_com-ecommerce_sample_1050.csv"
 
 
-def _seeded(settings: Settings, registry: ModelRegistry, seed_listings: list) -> Vitrine:
+def _seeded(settings: Settings, registry: ModelRegistry, seed_listings: list[Listing]) -> Vitrine:
     v = Vitrine(settings, registry)
     v.build(seed_listings)
     return v
 
 
+def _ingest_batched(v: Vitrine, listings: Sequence[Listing], stages: dict[str, float]) -> None:
+    """``Vitrine.upsert`` stage by stage (the same calls, each one timed)."""
+
+    @contextmanager
+    def stage(name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
+
+    registry = v.registry
+    vectors: dict[str, np.ndarray] = {}
+    present: dict[str, np.ndarray] = {}
+    if v.text_spec:
+        with stage("text_encode"):
+            vectors["text"] = registry.text().encode([semantic_text(x) for x in listings])
+        present["text"] = np.ones(len(listings), bool)
+    if v.lexical is not None:
+        with stage("lexical_encode"):
+            vectors["lexical"] = v.lexical.encode([lexical_text(x) for x in listings])
+        present["lexical"] = np.ones(len(listings), bool)
+    if v.image_spec:
+        ienc = registry.image()
+        with stage("image_decode"):
+            imgs = [v._decode(x) for x in listings]
+        ok = [i for i, im in enumerate(imgs) if im is not None]
+        img_vec = np.zeros((len(listings), ienc.dim), np.float32)
+        if ok:
+            with stage("image_encode"):
+                img_vec[ok] = ienc.encode([imgs[i] for i in ok])
+        vectors["image"] = img_vec
+        present["image"] = np.isin(np.arange(len(listings)), ok)
+    with stage("fuse"):
+        fused = v.fuse(Embedded(vectors, present))
+    with stage("index_upsert"):
+        v._add(listings, fused, set())
+
+
+def encoder_sweep(
+    registry: ModelRegistry,
+    v: Vitrine,
+    listings: Sequence[Listing],
+    batch_sizes: Sequence[int] = (1, 8, 32, 64),
+    threads: Sequence[int] | None = None,
+) -> list[dict[str, Any]]:
+    """listings/s of each encoder per (torch threads, batch size), decoding excluded."""
+    cores = os.cpu_count() or 1
+    threads = threads or sorted({1, cores})
+    texts = [semantic_text(x) for x in listings]
+    imgs = [im for im in (v._decode(x) for x in listings) if im is not None]
+    encoders = {"text": registry.text() if v.text_spec else None,
+                "image": registry.image() if v.image_spec else None}
+    rows: list[dict[str, Any]] = []
+    for t in threads:
+        configure_torch(t)
+        for bs in batch_sizes:
+            row: dict[str, Any] = {"torch_threads": t, "batch_size": bs}
+            for name, enc in encoders.items():
+                if enc is None:
+                    continue
+                items: list[Any] = list(texts if name == "text" else imgs)
+                old = enc.batch_size
+                enc.batch_size = bs
+                try:
+                    enc.encode(items[:bs])  # warm-up at this shape
+                    t0 = time.perf_counter()
+                    enc.encode(items)
+                    row[f"{name}_per_s"] = round(len(items) / (time.perf_counter() - t0), 1)
+                finally:
+                    enc.batch_size = old
+            rows.append(row)
+    return rows
+
+
 def run_ingest_bench(
-    data: Path, settings: Settings, *, n: int = 200, seed_size: int = 70
+    data: Path,
+    settings: Settings,
+    *,
+    n: int = 200,
+    seed_size: int = 70,
+    rounds: int = 4,
+    sweep: bool = False,
+    sweep_batch_sizes: Sequence[int] = (1, 8, 32, 64),
+    sweep_threads: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     csv_path = data / CSV_NAME if data.is_dir() else data
     listings, _ = read_listings(csv_path)
@@ -41,64 +129,41 @@ def run_ingest_bench(
     registry = ModelRegistry(settings)
     registry.text(), registry.image()  # model loading is not ingest time
 
-    # Batched, stage by stage (the same calls Vitrine.embed makes, timed separately).
-    v = _seeded(settings, registry, seed)
-    stages: dict[str, float] = {}
-
-    @contextmanager
-    def stage(name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        yield
-        stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
-
-    bs = settings.batch_size
-    t_all = time.perf_counter()
-    for start in range(0, len(batch), bs):
-        chunk = batch[start : start + bs]
-        vectors: dict[str, np.ndarray] = {}
-        present: dict[str, np.ndarray] = {}
-        if v.text_spec:
-            with stage("text_encode"):
-                vectors["text"] = registry.text().encode([semantic_text(x) for x in chunk])
-            present["text"] = np.ones(len(chunk), bool)
-        if v.lexical is not None:
-            with stage("lexical_encode"):
-                vectors["lexical"] = v.lexical.encode([lexical_text(x) for x in chunk])
-            present["lexical"] = np.ones(len(chunk), bool)
-        if v.image_spec:
-            ienc = registry.image()
-            with stage("image_decode"):
-                imgs = [v._decode(x) for x in chunk]
-            ok = [i for i, im in enumerate(imgs) if im is not None]
-            img_vec = np.zeros((len(chunk), ienc.dim), np.float32)
-            if ok:
-                with stage("image_encode"):
-                    img_vec[ok] = ienc.encode([imgs[i] for i in ok])
-            vectors["image"] = img_vec
-            present["image"] = np.isin(np.arange(len(chunk)), ok)
-        with stage("fuse"):
-            fused = v.fuse(Embedded(vectors, present))
-        with stage("index_upsert"):
-            v._add(chunk, fused, set())
-    batched_s = time.perf_counter() - t_all
-
-    # Naive: one listing per upsert call, into a fresh copy of the same seeded index.
+    batched = _seeded(settings, registry, seed)
     naive = _seeded(settings, registry, seed)
-    t0 = time.perf_counter()
-    for x in batch:
-        naive.upsert([x])
-    naive_s = time.perf_counter() - t0
-    assert len(naive) == len(v), "both runs must index the same listings"
+    stages: dict[str, float] = {}
+    batched_s = naive_s = 0.0
+    bs = settings.batch_size
+    rounds = max(1, min(rounds, len(batch)))
+    for part in np.array_split(np.arange(len(batch)), rounds):
+        chunk = [batch[i] for i in part]
+        t0 = time.perf_counter()
+        for start in range(0, len(chunk), bs):
+            _ingest_batched(batched, chunk[start : start + bs], stages)
+        batched_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for x in chunk:
+            naive.upsert([x])
+        naive_s += time.perf_counter() - t0
+    assert len(naive) == len(batched), "both runs must index the same listings"
 
-    return {
+    result: dict[str, Any] = {
         "benchmark": "ingest",
         "listings": len(batch),
+        "rounds": rounds,
         "batch_size": bs,
-        "models": {"text": v.text_spec, "image": v.image_spec, "lexical": v.lexical is not None},
+        "models": {"text": batched.text_spec, "image": batched.image_spec,
+                   "lexical": batched.lexical is not None},
         "batched_listings_per_s": round(len(batch) / batched_s, 2),
         "one_by_one_listings_per_s": round(len(batch) / naive_s, 2),
         "speedup": round(naive_s / batched_s, 2),
         "stages_listings_per_s": {k: round(len(batch) / s, 1) for k, s in stages.items()},
         "stages_share": {k: round(s / batched_s, 3) for k, s in stages.items()},
         "torch_threads": settings.torch_threads or "all",
+        "cpus": os.cpu_count(),
     }
+    if sweep:
+        result["encoder_sweep"] = encoder_sweep(registry, batched, batch[:128],
+                                                sweep_batch_sizes, sweep_threads)
+        configure_torch(settings.torch_threads)
+    return result

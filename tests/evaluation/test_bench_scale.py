@@ -38,8 +38,12 @@ def test_recall_helper():
 
 @pytest.mark.slow
 def test_ingest_bench_batched_vs_one_by_one(settings):
-    r = run_ingest_bench(DATA_DIR, settings, n=24, seed_size=30)
-    assert r["listings"] == 24
+    r = run_ingest_bench(DATA_DIR, settings, n=24, seed_size=30, rounds=2, sweep=True,
+                         sweep_batch_sizes=(1, 8), sweep_threads=(1,))
+    assert r["listings"] == 24 and r["rounds"] == 2
     assert r["batched_listings_per_s"] > 0 and r["one_by_one_listings_per_s"] > 0
     assert {"text_encode", "image_encode", "fuse", "index_upsert"} <= set(
         r["stages_listings_per_s"])
+    sweep = r["encoder_sweep"]
+    assert {(row["torch_threads"], row["batch_size"]) for row in sweep} >= {(1, 1), (1, 8)}
+    assert all(row["text_per_s"] > 0 and row["image_per_s"] > 0 for row in sweep)

@@ -26,6 +26,10 @@ def register(_sub: argparse._SubParsersAction, bench: argparse._SubParsersAction
     p = bench.add_parser("ingest", help="encode -> fuse -> index listings/s, batched vs one by one")
     p.add_argument("--data", type=Path, required=True, help="folder with the Flipkart CSV")
     p.add_argument("--n", type=int, default=200, help="listings to ingest")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="interleaved rounds of batched vs one-by-one (noise control)")
+    p.add_argument("--sweep", action="store_true",
+                   help="also time each encoder per batch size and torch thread count")
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", type=Path)
     add_model_flags(p)
@@ -53,4 +57,6 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from evaluation.bench_ingest import run_ingest_bench
 
-    return _emit(run_ingest_bench(args.data, settings_from_args(args), n=args.n), args.out)
+    result = run_ingest_bench(args.data, settings_from_args(args), n=args.n,
+                              rounds=args.rounds, sweep=args.sweep)
+    return _emit(result, args.out)
