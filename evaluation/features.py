@@ -27,8 +27,9 @@ PREPROCESSING = (
     "-ing, -ies, -ed, -es, -s, keeping a stem of at least 3 letters). Title repeated twice "
     "as it names the product. Words kept if in at least 2 listings. BoW = raw counts; "
     "TF-IDF = sublinear tf x idf on uni- and bigrams; both reduced to 100 dimensions by "
-    "truncated SVD (LSA) and L2-normalised. The sentence model reads title + cleaned "
-    "description as is (it has its own tokenizer)."
+    "truncated SVD (LSA) and L2-normalised. The sentence model reads the title, a full stop "
+    "and the cleaned description as is (it has its own tokenizer; input truncated at its "
+    "maximum sequence length)."
 )
 
 
@@ -135,11 +136,38 @@ def fuse_blocks(blocks: dict[str, np.ndarray], weights: dict[str, float]) -> np.
 
 
 def spectral_embed(x: np.ndarray, dim: int = 32) -> np.ndarray:
-    """PCA-whitened-free reduction keeping the leading directions (denoises before KMeans)."""
+    """PCA (not whitened) to the ``dim`` leading directions, rows re-normalised: drops the
+    low-variance directions that only add noise to KMeans' distances."""
     from sklearn.decomposition import PCA
 
     d = max(1, min(dim, x.shape[0] - 1, x.shape[1]))
     return l2_normalize(PCA(n_components=d, random_state=0).fit_transform(x).astype(np.float32))
+
+
+def oof_lda_scores(x: np.ndarray, y: np.ndarray, *, folds: int = 5,
+                   seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """SUPERVISED: out-of-fold linear discriminant scores.
+
+    For each of ``folds`` stratified folds, a shrinkage LDA (Ledoit-Wolf covariance) is fitted
+    on the other folds' rows and their real categories, and its affine decision function
+    (one column per category, so the columns mean the same in every fold) maps this fold's
+    rows. No row is ever mapped by a model that saw its own label. Returns the ``(n, classes)``
+    scores, centred per row and L2-normalised, and the class order.
+    """
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+    from sklearn.model_selection import StratifiedKFold
+
+    classes = sorted(set(y.tolist()))
+    z = np.zeros((len(y), len(classes)), np.float32)
+    n_splits = max(2, min(folds, min(int((y == c).sum()) for c in classes)))
+    for tr, te in StratifiedKFold(n_splits, shuffle=True, random_state=seed).split(x, y):
+        lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(x[tr], y[tr])
+        scores = lda.decision_function(x[te])
+        if scores.ndim == 1:  # two classes: one signed score
+            scores = np.stack([-scores, scores], axis=1)
+        cols = [list(lda.classes_).index(c) for c in classes]
+        z[te] = scores[:, cols]
+    return l2_normalize(z - z.mean(axis=1, keepdims=True)), classes
 
 
 FeatureFn = Callable[[], np.ndarray]

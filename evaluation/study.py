@@ -2,7 +2,8 @@
 
 Steps: features (text BoW / TF-IDF / sentence model, image ORB-BoVW / CNN, fused) ->
 per feature set KMeans(7) ARI, Hungarian-matched confusion, t-SNE, cosine kNN (5-fold) ->
-fine-tuned CNN classifier -> vitrine's kNN vote cross-validated -> suspects.
+a separate, clearly supervised entry (KMeans on out-of-fold LDA scores of the fused features)
+-> fine-tuned CNN classifier -> vitrine's kNN vote cross-validated -> suspects.
 Encoder outputs are cached in ``cache_dir`` keyed by the listing ids and the model spec.
 """
 
@@ -26,6 +27,7 @@ from indexer.pipeline import Embedded, semantic_text
 from indexer.settings import Settings
 
 from . import features as F
+from .classifier import CLASSIFIER_VERSION, ClassifierResult
 from .metrics import adjusted_rand, match_clusters
 
 log = logging.getLogger(__name__)
@@ -38,13 +40,18 @@ class StudyConfig:
     out: Path
     cache_dir: Path | None = None
     limit_per_category: int | None = None  # reduced runs (tests)
-    epochs: int = 4
+    epochs: int = 10
+    views: int = 4  # cached augmented views of the training photos (see classifier.py)
     tsne: bool = True
     tsne_iter: int = 500
     folds: int = 5
     suspect_confidence: float = 0.8
+    # sentence model and image encoder on an equal footing, TF-IDF as a lighter third view
     fusion_weights: dict[str, float] = field(
-        default_factory=lambda: {"sentence": 1.0, "tfidf": 1.0, "cnn": 0.7})
+        default_factory=lambda: {"sentence": 1.0, "tfidf": 0.5, "cnn": 1.0})
+    # PCA dimensions before KMeans; None: number of categories + 1 (spectral-clustering rule)
+    cluster_dim: int | None = None
+    kmeans_init: int = 10
     progress: bool = True
     seed: int = 0
 
@@ -76,6 +83,28 @@ class Cache:
         arr = make()
         np.save(path, arr)
         return arr
+
+    def get_classifier(self, spec: str, make: Callable[[], ClassifierResult]
+                       ) -> tuple[ClassifierResult, bool]:
+        """The fine-tuned classifier's outcome (not its weights), cached like the features.
+        Returns ``(result, loaded from the cache)``."""
+        if self.root is None:
+            return make(), False
+        h = hashlib.sha1(f"{self.key}|{spec}".encode()).hexdigest()[:12]
+        path = self.root / f"classifier-{h}.npz"
+        if path.exists():
+            with np.load(path) as z:
+                meta = json.loads(str(z["meta"]))
+                return ClassifierResult(
+                    val_rows=z["val_rows"], val_pred=z["val_pred"], val_proba=z["val_proba"],
+                    **meta), True
+        r = make()
+        meta = {"backbone": r.backbone, "val_accuracy": r.val_accuracy, "epochs": r.epochs,
+                "history": r.history, "seconds": r.seconds, "views": r.views,
+                "trained_from": r.trained_from}
+        np.savez(path, val_rows=r.val_rows, val_pred=r.val_pred, val_proba=r.val_proba,
+                 meta=np.array(json.dumps(meta)))
+        return r, False
 
 
 def load_catalog(data: Path, limit_per_category: int | None) -> list[Listing]:
@@ -178,10 +207,11 @@ def run_study(cfg: StudyConfig, settings: Settings,
     t = time.perf_counter()
     per_feature: dict[str, dict[str, Any]] = {}
     k = len(names)
+    cdim = cfg.cluster_dim or k + 1
     with _bar(len(feats), "KMeans / t-SNE / kNN", cfg.progress) as bar:
         for name, x in feats.items():
-            z = F.spectral_embed(x, 32) if x.shape[1] > 32 else x
-            clusters = KMeans(k, n_init=10, random_state=cfg.seed).fit_predict(z)
+            z = F.spectral_embed(x, cdim) if x.shape[1] > cdim else x
+            clusters = KMeans(k, n_init=cfg.kmeans_init, random_state=cfg.seed).fit_predict(z)
             mapping, confusion, _ = match_clusters(list(y), list(clusters))
             entry: dict[str, Any] = {
                 "ari": adjusted_rand(y, clusters),
@@ -196,6 +226,26 @@ def run_study(cfg: StudyConfig, settings: Settings,
             bar.update(1)
     timings["clustering"] = time.perf_counter() - t
 
+    # --- SUPERVISED projection of the fused features (a separate, labelled entry) -------
+    t = time.perf_counter()
+    scores, _ = F.oof_lda_scores(fused, y, folds=cfg.folds, seed=cfg.seed)
+    sp_clusters = KMeans(k, n_init=cfg.kmeans_init, random_state=cfg.seed).fit_predict(scores)
+    _, sp_confusion, _ = match_clusters(list(y), list(sp_clusters))
+    supervised_projection: dict[str, Any] = {
+        "ari": adjusted_rand(y, sp_clusters),
+        "matched_accuracy": float(np.trace(sp_confusion) / len(y)),
+        "supervised": True,
+        "folds": cfg.folds,
+        "oof_lda_accuracy": float(np.mean(np.array(names)[scores.argmax(axis=1)] == y)),
+        "method": (
+            f"SUPERVISED, not clustering discovery: the fused features are mapped by a "
+            f"shrinkage LDA (Ledoit-Wolf) fitted on the real categories of the other "
+            f"{cfg.folds - 1} of {cfg.folds} stratified folds (each listing mapped by a model "
+            "that never saw its label) to one discriminant score per category; the scores "
+            f"are row-centred, L2-normalised and clustered by KMeans({k})."),
+    }
+    timings["supervised_projection"] = time.perf_counter() - t
+
     # --- supervised: fine-tuned CNN ---------------------------------------------------
     t = time.perf_counter()
     from sklearn.model_selection import train_test_split
@@ -204,10 +254,21 @@ def run_study(cfg: StudyConfig, settings: Settings,
     photo_rows = rows[has_photo]
     tr, va = train_test_split(photo_rows, test_size=0.2, stratify=y_idx[photo_rows],
                               random_state=cfg.seed)
-    n_steps = cfg.epochs * len(tr) + len(va)
-    with _bar(n_steps, f"fine-tune {settings.image_model.split('@')[0]}", cfg.progress) as bar:
-        clf = fine_tune(images, y_idx, tr, va, settings.image_model, n_classes=k,
-                        epochs=cfg.epochs, seed=cfg.seed, progress=bar.update)
+    clf_spec = (f"{settings.image_model}|epochs={cfg.epochs}|views={cfg.views}|"
+                f"seed={cfg.seed}|{CLASSIFIER_VERSION}|train={','.join(map(str, tr))}")
+
+    def train() -> ClassifierResult:
+        with _bar(0, f"fine-tune {settings.image_model.split('@')[0]}", cfg.progress) as bar:
+
+            def set_total(n: int) -> None:
+                bar.total = n
+                bar.refresh()
+
+            return fine_tune(images, y_idx, tr, va, settings.image_model, n_classes=k,
+                             epochs=cfg.epochs, views=cfg.views, seed=cfg.seed,
+                             progress=bar.update, on_total=set_total)
+
+    clf, clf_cached = cache.get_classifier(clf_spec, train)
     clf_confusion = np.zeros((k, k), dtype=np.int64)
     for a, b in zip(y_idx[va], clf.val_pred, strict=True):
         clf_confusion[a, b] += 1
@@ -250,12 +311,24 @@ def run_study(cfg: StudyConfig, settings: Settings,
         "features": {n: {kk: v for kk, v in e.items() if not kk.startswith("_")}
                      for n, e in per_feature.items()},
         "fused": {"ari": per_feature["fused"]["ari"],
+                  "supervised": False,
                   "blocks": cfg.fusion_weights,
-                  "knn_accuracy": per_feature["fused"]["knn_accuracy"]},
+                  "cluster_dim": cdim,
+                  "knn_accuracy": per_feature["fused"]["knn_accuracy"],
+                  "method": (
+                      "unsupervised: each block centred and L2-normalised, weighted, "
+                      f"concatenated, L2-normalised; PCA to {cdim} dimensions, rows "
+                      f"re-normalised; KMeans({k}, n_init={cfg.kmeans_init})")},
+        "fused_supervised_projection": supervised_projection,
         "classifier": {"backbone": settings.image_model, "val_accuracy": clf.val_accuracy,
                        "ari": adjusted_rand(y_idx[va], clf.val_pred),
-                       "epochs": clf.epochs, "train_size": int(len(tr)),
-                       "val_size": int(len(va)), "seconds": round(clf.seconds, 1)},
+                       "epochs": clf.epochs, "cached_views": clf.views,
+                       "trained_from": clf.trained_from, "test_time_flip": True,
+                       "epoch_selection": "none (fixed schedule, validation scored once)",
+                       "split": f"stratified 80/20, random_state={cfg.seed}",
+                       "train_size": int(len(tr)),
+                       "val_size": int(len(va)), "seconds": round(clf.seconds, 1),
+                       "from_cache": clf_cached},
         "knn_cv": knn_cv,
         "suspects": len(suspects),
         "dataset": {"listings": len(y), "categories": names,
@@ -271,6 +344,7 @@ def run_study(cfg: StudyConfig, settings: Settings,
     report.write_report(
         cfg.out / "report.html", metrics=metrics, per_feature=per_feature, y=y, names=names,
         clf_confusion=clf_confusion, vote_confusion=vote_confusion, suspects=suspects,
+        sp_confusion=sp_confusion,
         images=images, listings=listings, preprocessing=F.PREPROCESSING,
         history=clf.history,
     )

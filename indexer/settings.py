@@ -104,6 +104,11 @@ class Settings(BaseSettings):
         60.0, gt=0, description="...or this many seconds after the last change."
     )
     worker_concurrency: int = Field(1, ge=1, description="Prefork processes per `vitrine worker`.")
+    worker_batch: int = Field(
+        32, ge=1, le=1024,
+        description="Ingestion events a worker task takes from the queue at once (its own and "
+        "claimed ones); the encoders still run in batches of batch_size.",
+    )
     visibility_timeout: float = Field(
         300.0, gt=0, description="Seconds before a task a dead worker held is redelivered."
     )

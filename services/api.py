@@ -1,18 +1,26 @@
 """The HTTP API: thin routes over :class:`~services.runtime.Runtime` (see docs/service.md).
 
-Blocking work (embedding a query, a vote) runs in sync routes, which FastAPI runs in its
-thread pool, never on the event loop. Domain errors map to HTTP errors in one place.
+Blocking work never runs on the event loop. Queries (``/search``, ``/classify``: an index
+search, and for text or a photo a forward pass) run in a small pool of ``cores`` query
+threads, each forward pass on one torch thread and each FAISS search on one OpenMP thread
+(single queries gain nothing from intra-op threads and lose a lot when a core is busy), and
+their answers are serialised once, by pydantic-core, straight to JSON bytes. The other
+blocking routes are sync functions, which FastAPI runs in its thread pool. Domain errors map
+to HTTP errors in one place.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
+import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,6 +44,7 @@ from .fetch import check_url
 from .runtime import BrokerUnavailable, Runtime, new_version
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 # --- schemas ------------------------------------------------------------------------------
@@ -109,6 +118,8 @@ class Health(BaseModel):
     index_size: int
     models_loaded: bool
     queue_depth: int | None
+    pending: int | None = Field(
+        None, description="Accepted listings without a final status yet (Redis mode)")
 
 
 # --- metrics -------------------------------------------------------------------------------
@@ -120,6 +131,9 @@ class Metrics:
                                  registry=r)
         self.index_size = Gauge("vitrine_index_size", "Listings in this process's index",
                                 registry=r)
+        self.pending = Gauge("vitrine_pending_events",
+                             "Accepted listings without a final status yet (Redis mode)",
+                             registry=r)
         self.search_latency = Histogram(
             "vitrine_search_seconds", "POST /search latency", registry=r,
             buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
@@ -148,14 +162,16 @@ def _check_image(raw: bytes, settings: Settings) -> bytes:
     return raw
 
 
-def get_rt(request: Request) -> Runtime:
+# async: FastAPI would run a sync dependency in its thread pool, a thread hop per request
+async def get_rt(request: Request) -> Runtime:
     return request.app.state.runtime  # type: ignore[no-any-return]
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_rt)]
 
 
-def require_key(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> None:
+async def require_key(request: Request,
+                      x_api_key: Annotated[str | None, Header()] = None) -> None:
     expected = request.app.state.settings.api_key
     if expected and x_api_key != expected:
         raise HTTPException(401, "missing or wrong X-API-Key")
@@ -168,6 +184,8 @@ WriteAccess = Depends(require_key)
 def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     """The FastAPI app. ``runtime`` is built in the lifespan unless one is given."""
 
+    queries = QueryPool(settings)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rt = runtime or Runtime(settings)
@@ -176,8 +194,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 
             rt.celery = make_celery(settings)
         rt.start()  # models load here, before the first request, not during one
+        queries.start(rt)
         app.state.runtime = rt
         yield
+        queries.stop()
         rt.stop()
 
     app = FastAPI(
@@ -189,21 +209,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics = Metrics()
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length")
-        limit = settings.max_request_bytes
-        if length is not None and length.isdigit() and int(length) > limit:
-            return JSONResponse({"detail": f"request body larger than {limit} bytes"}, 413)
-        if length is None and request.method in ("POST", "PUT", "PATCH"):
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > limit:
-                    return JSONResponse({"detail": f"request body larger than {limit} bytes"},
-                                        413)
-            request._body = body  # already read: routes parse it from here
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
 
     @app.exception_handler(VitrineError)
     async def domain_error(request: Request, exc: VitrineError) -> JSONResponse:
@@ -310,45 +316,57 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 
     # -- queries --
     @app.post("/search", response_model=SearchOut)
-    def search(q: SearchIn, rt: RuntimeDep) -> SearchOut:
+    async def search(q: SearchIn, rt: RuntimeDep) -> Response:
         t0 = time.perf_counter()
         given = [x for x in (q.text, q.image_base64, q.listing_id) if x]
         if len(given) == 0:
             raise InvalidInput("give a text, an image_base64 or a listing_id to search with")
         if q.listing_id and len(given) > 1:
             raise InvalidInput("listing_id cannot be combined with text or image_base64")
-        image = _check_image(_b64(q.image_base64, settings), settings) if q.image_base64 else None
         if q.text is not None and len(q.text) > 10_000:
             raise InvalidInput("text longer than 10000 characters")
-        hits = rt.replica.v.search(text=q.text, image=image,
-                                   listing_id=validate_id(q.listing_id) if q.listing_id else None,
-                                   k=q.k, category=q.category)
+        lid = validate_id(q.listing_id) if q.listing_id else None
+
+        def run() -> bytes:
+            image = (_check_image(_b64(q.image_base64, settings), settings)
+                     if q.image_base64 else None)
+            hits = rt.replica.v.search(text=q.text, image=image, listing_id=lid, k=q.k,
+                                       category=q.category)
+            return SearchOut(results=[Hit(id=h.id, score=h.score, category=h.category,
+                                          title=h.title) for h in hits]).model_dump_json()
+
+        body = await queries.run(run)
         metrics.search_latency.observe(time.perf_counter() - t0)
-        return SearchOut(results=[Hit(id=h.id, score=h.score, category=h.category,
-                                      title=h.title) for h in hits])
+        return Response(body, media_type="application/json")
 
     @app.post("/classify", response_model=ClassifyOut)
-    def classify(q: ClassifyIn, rt: RuntimeDep) -> ClassifyOut:
-        image = _check_image(_b64(q.image_base64, settings), settings) if q.image_base64 else None
-        listing = make_listing("draft", q.title, q.description, image=image)
-        vote = rt.replica.v.classify(listing)
-        return ClassifyOut(
-            category=vote.category, confidence=vote.confidence, uncertain=vote.uncertain,
-            scores=vote.scores,
-            neighbours=[Hit(id=n.id, score=n.score, category=n.category, title=n.title)
-                        for n in vote.neighbours],
-        )
+    async def classify(q: ClassifyIn, rt: RuntimeDep) -> Response:
+        def run() -> bytes:
+            image = (_check_image(_b64(q.image_base64, settings), settings)
+                     if q.image_base64 else None)
+            listing = make_listing("draft", q.title, q.description, image=image)
+            vote = rt.replica.v.classify(listing)
+            return ClassifyOut(
+                category=vote.category, confidence=vote.confidence, uncertain=vote.uncertain,
+                scores=vote.scores,
+                neighbours=[Hit(id=n.id, score=n.score, category=n.category, title=n.title)
+                            for n in vote.neighbours],
+            ).model_dump_json()
+
+        return Response(await queries.run(run), media_type="application/json")
 
     # -- operations --
     @app.get("/health", response_model=Health)
     def health(rt: RuntimeDep) -> Health:
         broker = "none"
         depth: int | None = None
+        pending: int | None = None
         try:
             if rt.redis is not None:
                 rt.redis.ping()
                 broker = "ok"
             depth = rt.queue_depth()
+            pending = len(rt.ledger) if rt.ledger is not None else None
         except Exception:
             broker = "down"
         v = rt.replica.v
@@ -356,18 +374,103 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         loaded = all(f"{kind}:{spec}" in have
                      for kind, spec in (("text", v.text_spec), ("image", v.image_spec)) if spec)
         return Health(status="ok" if broker != "down" else "degraded", mode=rt.mode,
-                      broker=broker, index_size=len(v), models_loaded=loaded, queue_depth=depth)
+                      broker=broker, index_size=len(v), models_loaded=loaded, queue_depth=depth,
+                      pending=pending)
 
     @app.get("/metrics", include_in_schema=False)
     def prom(rt: RuntimeDep) -> Response:
         try:
             metrics.queue_depth.set(rt.queue_depth())
-        except Exception:  # broker down: the gauge keeps its last value
+            if rt.ledger is not None:
+                metrics.pending.set(len(rt.ledger))
+        except Exception:  # broker down: the gauges keep their last value
             pass
         metrics.index_size.set(len(rt.replica.v))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+class QueryPool:
+    """``cores`` threads for queries; torch and FAISS on one thread each in a query process.
+
+    torch's and FAISS's thread counts are per process. An API process in Redis mode only
+    answers queries, so both get 1 (or ``VITRINE_TORCH_THREADS``) and up to ``cores`` queries
+    run side by side; in embedded mode the process also embeds the ingested batches, so torch
+    keeps the configured count and only FAISS (single-vector searches) is set to 1.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.size = max(1, os.cpu_count() or 1)
+        self._pool: ThreadPoolExecutor | None = None
+
+    def start(self, rt: Runtime) -> None:
+        try:
+            import faiss
+
+            faiss.omp_set_num_threads(1)
+        except Exception:  # pragma: no cover - faiss is a core dependency
+            pass
+        if rt.mode == "redis":
+            from indexer.encoders.base import configure_torch
+
+            configure_torch(self.settings.torch_threads or 1)
+        self._pool = ThreadPoolExecutor(self.size, thread_name_prefix="vitrine-query")
+
+    def stop(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        assert self._pool is not None, "the API is not started"
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+
+class BodyLimit:
+    """Refuse bodies over ``limit`` bytes with 413 (a plain ASGI middleware: no extra task).
+
+    A declared ``Content-Length`` is checked up front; a chunked body is read up to the limit
+    first and then handed on.
+    """
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or ())
+        length = headers.get(b"content-length")
+        too_big = JSONResponse({"detail": f"request body larger than {self.limit} bytes"}, 413)
+        if length is not None:
+            if length.isdigit() and int(length) > self.limit:
+                return await too_big(scope, receive, send)
+            return await self.app(scope, receive, send)
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return await too_big(scope, receive, send)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
 
 
 async def _body(request: Request) -> dict[str, Any]:

@@ -20,7 +20,9 @@ import logging
 import os
 import queue
 import threading
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +82,16 @@ class LocalStatus:
         with self._lock:
             return self._d.get(lid)
 
-    def set(self, lid: str, status: dict[str, Any]) -> None:
+    def get_many(self, lids: list[str]) -> list[dict[str, Any] | None]:
         with self._lock:
-            self._d[lid] = status
+            return [self._d.get(lid) for lid in lids]
+
+    def set(self, lid: str, status: dict[str, Any]) -> None:
+        self.set_many({lid: status})
+
+    def set_many(self, statuses: dict[str, dict[str, Any]]) -> None:
+        with self._lock:
+            self._d.update(statuses)
             self._flush()
 
     def delete(self, lid: str) -> None:
@@ -107,11 +116,72 @@ class RedisStatus:
         raw = self.r.hget(self.key, lid)
         return json.loads(raw) if raw else None
 
+    def get_many(self, lids: list[str]) -> list[dict[str, Any] | None]:
+        if not lids:
+            return []
+        return [json.loads(raw) if raw else None for raw in self.r.hmget(self.key, lids)]
+
     def set(self, lid: str, status: dict[str, Any]) -> None:
         self.r.hset(self.key, lid, json.dumps(status))
 
+    def set_many(self, statuses: dict[str, dict[str, Any]]) -> None:
+        if statuses:
+            self.r.hset(self.key, mapping={k: json.dumps(v) for k, v in statuses.items()})
+
     def delete(self, lid: str) -> None:
         self.r.hdel(self.key, lid)
+
+
+class Ledger:
+    """Redis mode: every accepted ingestion event until its outcome is final, with its payload.
+
+    The Celery message is what normally carries an event to a worker, but kombu's Redis
+    transport pops a message and records it as unacknowledged in two steps, so a worker killed
+    at that instant loses it. The ledger is the safety net: an event enters it atomically with
+    its ``queued`` status (:meth:`Runtime.enqueue`), leaves it once its listing is indexed or
+    failed (or the event is superseded), and a worker's sweep re-sends an event that stayed
+    past the visibility timeout while no queue holds it (``workers/app.py``). Re-sending is
+    harmless: events are idempotent by (id, version).
+    """
+
+    def __init__(self, client: Any, prefix: str) -> None:
+        self.r = client
+        self.since = f"{prefix}:pending"  # zset: version -> time accepted (or last re-sent)
+        self.payloads = f"{prefix}:pending-payload"  # hash: version -> payload JSON
+
+    def add(self, pipe: Any, payload: dict[str, Any]) -> None:
+        pipe.zadd(self.since, {payload["version"]: time.time()})
+        pipe.hset(self.payloads, payload["version"], json.dumps(payload))
+
+    def done(self, versions: list[str]) -> None:
+        if versions:
+            pipe = self.r.pipeline(transaction=True)
+            pipe.zrem(self.since, *versions)
+            pipe.hdel(self.payloads, *versions)
+            pipe.execute()
+
+    def overdue(self, older_than: float, limit: int = 500) -> list[dict[str, Any]]:
+        """Payloads of events pending for more than ``older_than`` seconds, oldest first."""
+        versions = self.r.zrangebyscore(self.since, "-inf", time.time() - older_than,
+                                        start=0, num=limit)
+        if not versions:
+            return []
+        raws = self.r.hmget(self.payloads, versions)
+        out = []
+        for v, raw in zip(versions, raws, strict=True):
+            if raw:
+                out.append(json.loads(raw))
+            else:  # no payload (cannot happen through enqueue): nothing to re-send
+                self.r.zrem(self.since, v)
+        return out
+
+    def touch(self, versions: list[str]) -> None:
+        if versions:
+            now = time.time()
+            self.r.zadd(self.since, {v: now for v in versions}, xx=True)
+
+    def __len__(self) -> int:
+        return int(self.r.zcard(self.since))
 
 
 class Runtime:
@@ -130,8 +200,10 @@ class Runtime:
             self.redis = connect_redis(settings)
             oplog: Any = RedisLog(self.redis, self.prefix)
             self.status: Any = RedisStatus(self.redis, self.prefix)
+            self.ledger: Ledger | None = Ledger(self.redis, self.prefix)
             lock = self.redis.lock(f"{self.prefix}:snapshot-lock", timeout=600)
         else:
+            self.ledger = None
             oplog = LocalLog(settings.data_dir / "log.jsonl")
             self.status = LocalStatus(settings.data_dir / "status.json")
             lock = None
@@ -180,14 +252,21 @@ class Runtime:
         """Persist the accepted listing durably, then hand it to a worker."""
         version = payload["version"]
         lid = payload["id"]
-        self.status.set(lid, {"status": "queued", "version": version})
         if self.mode == "redis":
+            assert self.ledger is not None
+            # status, photo and ledger entry in one transaction, then the task: an event that
+            # is accepted is always in the ledger, whatever happens to its message
+            pipe = self.redis.pipeline(transaction=True)
             if image is not None:
                 key = f"{self.prefix}:blob:{version}"
-                self.redis.set(key, image, ex=BLOB_TTL_S)
+                pipe.set(key, image, ex=BLOB_TTL_S)
                 payload["image_key"] = key
+            pipe.hset(self.status.key, lid, json.dumps({"status": "queued", "version": version}))
+            self.ledger.add(pipe, payload)
+            pipe.execute()
             self.celery.send_task("vitrine.ingest", args=[payload], queue=self.queue_name)
         else:
+            self.status.set(lid, {"status": "queued", "version": version})
             assert self._inbox is not None, "runtime not started"
             if image is not None:
                 payload["image_b64"] = base64.b64encode(image).decode()
@@ -258,55 +337,119 @@ def ingest(rt: Runtime, payload: dict[str, Any], image: bytes | None = None) -> 
     return ingest_many(rt, [(payload, image)])[0]
 
 
-def ingest_many(
-    rt: Runtime, items: list[tuple[dict[str, Any], bytes | None]]
-) -> list[dict[str, Any]]:
+Item = tuple[dict[str, Any], bytes | None]
+
+
+def ingest_many(rt: Runtime, items: list[Item], *, batch: str | None = None
+                ) -> list[dict[str, Any]]:
     """Embed (in one batch), vote and index accepted listings. Idempotent by (id, version).
 
-    Runs in a Celery worker or the embedded ingest thread. Each upsert is appended to the log
-    *before* the status says "indexed", so a crash in between only repeats an idempotent upsert.
+    Runs in a Celery worker (one call per claimed batch, see workers/app.py) or the embedded
+    ingest thread. Returns one status per item, in order.
+
+    * An event whose status is already ``indexed``/``failed``, superseded by a newer version
+      or deleted is skipped; the same event twice in ``items`` (a duplicated delivery) is
+      done once.
+    * Each upsert is appended to the log *before* the status says "indexed", so a crash in
+      between only repeats an idempotent upsert.
+    * One listing never sinks the others: a listing that cannot be indexed (no text and an
+      unusable photo...) fails alone, and if the batch as a whole raises (other than a broker
+      error, which propagates so that the events are redelivered), each listing is retried
+      alone and only those that raise again are marked failed.
     """
-    s = rt.settings
+    batch = batch or uuid.uuid4().hex[:12]
     results: list[dict[str, Any]] = [{} for _ in items]
-    todo: list[tuple[int, dict[str, Any], Any, str | None]] = []
+    first: dict[tuple[str, str], int] = {}
+    dups: list[tuple[int, int]] = []
+    current = rt.status.get_many([p["id"] for p, _ in items])
+    todo: list[tuple[int, dict[str, Any], bytes | None]] = []
     for i, (payload, image) in enumerate(items):
-        lid, version = payload["id"], payload["version"]
-        current = rt.status.get(lid)
-        if current is None:
+        key = (payload["id"], payload["version"])
+        if key in first:
+            dups.append((i, first[key]))
+            continue
+        first[key] = i
+        st = current[i]
+        if st is None:
             results[i] = {"status": "deleted"}
-            continue
-        if current.get("version") != version:
-            results[i] = current  # a newer submission superseded this event
-            continue
-        if current.get("status") in ("indexed", "failed"):
-            results[i] = current  # a redelivered or duplicated event
-            continue
-        warning = None
+        elif st.get("version") != payload["version"]:
+            results[i] = st  # a newer submission superseded this event
+        elif st.get("status") in ("indexed", "failed"):
+            results[i] = st  # a redelivered or duplicated event
+        else:
+            todo.append((i, payload, image))
+    if todo:
         try:
-            if image is None and payload.get("image_key"):
-                image = rt.redis.get(payload["image_key"])
-            if image is None and payload.get("image_url"):
+            _index(rt, todo, results, batch)
+        except Exception as e:
+            if is_broker_error(e):
+                raise
+            log.exception("indexing a batch of %d listings failed; retrying them one by one",
+                          len(todo))
+            for one in todo if len(todo) > 1 else []:
                 try:
-                    image = fetch_image(payload["image_url"], max_bytes=s.max_image_bytes,
-                                        timeout=s.fetch_timeout,
-                                        allow_private=s.allow_private_urls)
-                except ImageError as e:
-                    warning = f"photo not used: {e}"
+                    _index(rt, [one], results, batch)
+                except Exception as e1:
+                    if is_broker_error(e1):
+                        raise
+                    log.exception("indexing listing %r failed", one[1]["id"])
+                    results[one[0]] = _failed(rt, one[1]["id"], one[1]["version"],
+                                              "internal error while indexing")
+            if len(todo) == 1:
+                i, payload, _ = todo[0]
+                results[i] = _failed(rt, payload["id"], payload["version"],
+                                     "internal error while indexing")
+    for i, j in dups:
+        results[i] = results[j]
+    if rt.ledger is not None:
+        # every event here has a final outcome now (or was superseded/deleted/duplicated)
+        rt.ledger.done(list({p["version"] for p, _ in items}))
+    return results
+
+
+def is_broker_error(e: BaseException) -> bool:
+    """Redis or kombu could not be reached: the event must be redelivered, not failed."""
+    return isinstance(e, BrokerUnavailable) or type(e).__module__.split(".")[0] in (
+        "redis", "kombu", "amqp")
+
+
+def _index(rt: Runtime, todo: list[tuple[int, dict[str, Any], bytes | None]],
+           results: list[dict[str, Any]], batch: str) -> None:
+    s = rt.settings
+    # photos: the queued blobs in one round trip, image URLs fetched concurrently
+    keys = [p["image_key"] for _, p, im in todo if im is None and p.get("image_key")]
+    blobs = dict(zip(keys, rt.redis.mget(keys), strict=True)) if keys and rt.redis else {}
+    urls = [p["image_url"] for _, p, im in todo
+            if im is None and not p.get("image_key") and p.get("image_url")]
+    fetched = _fetch_all(urls, s)
+    rows: list[tuple[int, dict[str, Any], Any, str | None]] = []
+    for i, payload, image in todo:
+        lid, version = payload["id"], payload["version"]
+        warning = None
+        if image is None and payload.get("image_key"):
+            image = blobs.get(payload["image_key"])
+        if image is None and payload.get("image_url"):
+            got = fetched.get(payload["image_url"])
+            if isinstance(got, bytes):
+                image = got
+            elif got is not None:
+                warning = f"photo not used: {got}"
+        try:
             listing = make_listing(lid, payload.get("title") or "",
                                    payload.get("description") or "",
                                    image=image, category=payload.get("category"))
         except VitrineError as e:
             results[i] = _failed(rt, lid, version, str(e))
             continue
-        todo.append((i, payload, listing, warning))
-    if not todo:
-        return results
+        rows.append((i, payload, listing, warning))
+    if not rows:
+        return
     v = rt.replica.v
-    emb = v.embed([t[2] for t in todo])
+    emb = v.embed([r[2] for r in rows])
     fused = v.fuse(emb)
-    last: str | None = None
-    done: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
-    for j, (i, payload, listing, warning) in enumerate(todo):
+    entries: list[dict[str, Any]] = []
+    done: list[tuple[int, dict[str, Any], dict[str, Any]]] = []
+    for j, (i, payload, listing, warning) in enumerate(rows):
         lid, version = listing.id, payload["version"]
         if j in emb.failed:
             results[i] = _failed(rt, lid, version, emb.problems[j])
@@ -314,7 +457,7 @@ def ingest_many(
         vote = v.vote_vector(fused[j], exclude=lid)
         category = listing.category or vote.category
         source = "seller" if listing.category else "predicted"
-        last = rt.oplog.append({
+        entries.append({
             "op": "upsert", "id": lid, "vec": fused[j],
             "meta": {"title": listing.title, "category": category, "source": source},
             "confidence": vote.confidence, "uncertain": vote.uncertain,
@@ -322,22 +465,41 @@ def ingest_many(
         status: dict[str, Any] = {
             "status": "indexed", "version": version, "category": category,
             "confidence": vote.confidence, "uncertain": vote.uncertain, "source": source,
-            "predicted": vote.category,
+            "predicted": vote.category, "batch": batch, "batch_size": len(rows),
         }
         warning = warning or emb.problems.get(j)
         if warning:
             status["warning"] = warning
+        done.append((i, payload, status))
+    if not entries:
+        return
+    last = rt.oplog.append_many(entries)[-1]
+    # "indexed" means searchable here: wait for this process's replica to apply the log
+    if not rt.replica.wait_for(last, timeout=5):
+        log.warning("the log entry %s is not applied here after 5 s", last)
+    rt.status.set_many({payload["id"]: status for _, payload, status in done})
+    for i, _, status in done:
         results[i] = status
-        done.append((lid, payload, status))
-    if last is not None:
-        # "indexed" means searchable here: wait for this process's replica to apply the log
-        if not rt.replica.wait_for(last, timeout=5):
-            log.warning("the log entry %s is not applied here after 5 s", last)
-    for lid, payload, status in done:
-        rt.status.set(lid, status)
-        if payload.get("image_key") and rt.redis is not None:
-            rt.redis.delete(payload["image_key"])
-    return results
+    used = [p["image_key"] for _, p, _ in done if p.get("image_key")]
+    if used and rt.redis is not None:
+        rt.redis.delete(*used)
+
+
+def _fetch_all(urls: list[str], s: Settings) -> dict[str, bytes | ImageError]:
+    """Fetch image URLs (each SSRF-checked), several at a time: the wait is network I/O."""
+    def one(url: str) -> bytes | ImageError:
+        try:
+            return fetch_image(url, max_bytes=s.max_image_bytes, timeout=s.fetch_timeout,
+                               allow_private=s.allow_private_urls)
+        except ImageError as e:
+            return e
+
+    uniq = list(dict.fromkeys(urls))
+    if len(uniq) <= 1:
+        return {u: one(u) for u in uniq}
+    with ThreadPoolExecutor(max_workers=min(8, len(uniq)),
+                            thread_name_prefix="fetch") as pool:
+        return dict(zip(uniq, pool.map(one, uniq), strict=True))
 
 
 def _failed(rt: Runtime, lid: str, version: str, error: str) -> dict[str, Any]:

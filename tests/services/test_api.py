@@ -174,6 +174,15 @@ def test_body_size_limit_and_api_key(tmp_path, settings, registry, seed_dir) -> 
         r = client.post("/listings", json=big, headers={"X-API-Key": "s3cret"})
         assert r.status_code == 413 and "larger than" in r.json()["detail"]
         assert client.post("/search", json={"text": "pen"}).status_code == 200  # reads: no key
+        # a chunked body (no Content-Length) is counted as it arrives
+        key = {"X-API-Key": "s3cret", "Content-Type": "application/json"}
+        r = client.post("/listings", content=iter([b'{"id": "k3", "title": "Pen", ',
+                                                   b'"description": "' + b"x" * 8000 + b'"}']),
+                        headers=key)
+        assert r.status_code == 413 and "larger than" in r.json()["detail"]
+        r = client.post("/listings", content=iter([b'{"id": "k4", ', b'"title": "Pen"}']),
+                        headers=key)
+        assert r.status_code == 202, r.text
 
 
 def test_health_metrics_openapi(api) -> None:  # type: ignore[no-untyped-def]

@@ -6,14 +6,10 @@ can share the Redis at 127.0.0.1:6379.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,75 +18,90 @@ from fastapi.testclient import TestClient
 
 from services.api import create_app
 from services.runtime import Runtime
-from tests.conftest import IMAGE_WEIGHTS, ROOT, TEXT_MODEL
-from tests.services.helpers import b64, copy_seed, png, wait_until
+from tests.conftest import ROOT
+from tests.services.helpers import b64, png, wait_until
+
+from .helpers import REDIS, Worker, worker_env
 
 pytestmark = pytest.mark.slow
-REDIS = "redis://127.0.0.1:6379/0"
+# batches of 4 (so that a kill -9 lands between two of them); photos from the local server
+SMALL_BATCH = {"VITRINE_WORKER_BATCH": "4", "VITRINE_ALLOW_PRIVATE_URLS": "true"}
 
 
-@pytest.fixture(scope="module")
-def prefix() -> Iterator[str]:
-    p = f"vt-{uuid.uuid4().hex[:10]}"
-    yield p
-    time.sleep(0.5)  # the stopped worker's last writes land before the clean-up
-    r = redis.Redis.from_url(REDIS)
-    for key in r.scan_iter(f"{p}*", count=1000):
-        r.delete(key)
+class PhotoServer:
+    """A local HTTP server of PNGs that holds the first request for each path until released."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requested: dict[str, threading.Event] = {}
+        self.released: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                name = self.path.lstrip("/")
+                with server._lock:
+                    first = name not in server.requested or not server.requested[name].is_set()
+                    server._events(name)[0].set()
+                if first:
+                    server._events(name)[1].wait(60)
+                body = png(color=(30, 120, 60))
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def _events(self, name: str) -> tuple[Any, Any]:
+        import threading
+
+        self.requested.setdefault(name, threading.Event())
+        self.released.setdefault(name, threading.Event())
+        return self.requested[name], self.released[name]
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
+
+    def wait_requested(self, name: str, timeout: float = 120) -> None:
+        with self._lock:
+            ev = self._events(name)[0]
+        assert ev.wait(timeout), f"the worker never asked for {name}"
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            self._events(name)[1].set()
+
+    def close(self) -> None:
+        for ev in self.released.values():
+            ev.set()
+        self.httpd.shutdown()
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, seed_dir) -> Path:  # type: ignore[no-untyped-def]
-    return copy_seed(seed_dir, tmp_path_factory.mktemp("celery") / "data")
-
-
-def worker_env(prefix: str, data_dir: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "VITRINE_TEXT_MODEL": str(TEXT_MODEL),
-        "VITRINE_IMAGE_MODEL": f"torchvision:mobilenet_v2@{IMAGE_WEIGHTS}",
-        "VITRINE_BROKER_URL": REDIS,
-        "VITRINE_REDIS_PREFIX": prefix,
-        "VITRINE_DATA_DIR": str(data_dir),
-        "VITRINE_TORCH_THREADS": "1",
-        "VITRINE_VISIBILITY_TIMEOUT": "4",
-        "PYTHONUNBUFFERED": "1",
-    })
-    env.update(extra)
-    return env
-
-
-class Worker:
-    """``vitrine worker`` in its own process group, so that kill -9 reaches its children."""
-
-    def __init__(self, prefix: str, data_dir: Path, log: Path) -> None:
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vitrine.cli", "worker", "--concurrency", "1"],
-            cwd=ROOT, env=worker_env(prefix, data_dir), stdout=log.open("ab"),
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-    def kill9(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill9()
+@pytest.fixture
+def photo_server() -> Iterator[PhotoServer]:
+    server = PhotoServer()
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="module")
 def stack(prefix, data_dir, settings, registry, tmp_path_factory) -> Iterator[dict[str, Any]]:  # type: ignore[no-untyped-def]
     """Two API replicas (one serving HTTP) and one worker, all on the same Redis and data dir."""
     s = settings.model_copy(update={"data_dir": data_dir, "broker_url": REDIS,
-                                    "redis_prefix": prefix, "visibility_timeout": 4})
+                                    "redis_prefix": prefix, "visibility_timeout": 4,
+                                    "allow_private_urls": True})  # the local photo server
     logs = tmp_path_factory.mktemp("logs")
-    worker = Worker(prefix, data_dir, logs / "worker.log")
+    worker = Worker(prefix, data_dir, logs / "worker.log", **SMALL_BATCH)
     rt = Runtime(s, registry)
     other = Runtime(s, registry)  # a second API process' replica
     other.start()
@@ -129,7 +140,7 @@ def test_ingest_through_the_queue_is_searchable_everywhere(stack) -> None:  # ty
         "results"]]
     assert "q-1" in ids
     h = client.get("/health").json()
-    assert h["mode"] == "redis" and h["broker"] == "ok"
+    assert h["mode"] == "redis" and h["broker"] == "ok" and h["pending"] == 0
 
 
 def test_concurrent_ingest_and_search(stack) -> None:  # type: ignore[no-untyped-def]
@@ -161,27 +172,48 @@ def test_concurrent_ingest_and_search(stack) -> None:  # type: ignore[no-untyped
     assert not errors, errors[:3]
 
 
-def test_kill9_mid_batch_loses_and_duplicates_nothing(stack) -> None:  # type: ignore[no-untyped-def]
+def test_kill9_mid_batch_loses_and_duplicates_nothing(stack, photo_server) -> None:  # type: ignore[no-untyped-def]
+    """kill -9 while the worker holds a batch (its task + claimed events): all come back.
+
+    The photo server holds the first request for a path until released, which pins the worker
+    inside a batch at a known point: batch 1 is k9-0 alone (held while k9-1..15 are queued),
+    batch 2 is k9-1..4 (k9-2's photo is held: the kill lands there).
+    """
     client, rt, other = stack["client"], stack["rt"], stack["other"]
     before = set(rt.replica.v.index.ids())
     ids = [f"k9-{i}" for i in range(16)]
-    for i, lid in enumerate(ids):
-        r = client.post("/listings", json={"id": lid, "title": f"Cotton kurta for men, size {i}",
-                                           "category": "Clothing" if i % 2 else None})
-        assert r.status_code == 202
-    # wait until the worker is in the middle of the batch, then kill it and its children
-    wait_until(lambda: sum(_status(client, x) == "indexed" for x in ids) >= 2, 120, every=0.02)
+
+    def post(i: int) -> None:
+        body = {"id": ids[i], "title": f"Cotton kurta for men, size {i}",
+                "category": "Clothing" if i % 2 else None}
+        if i in (0, 2):
+            body["image_url"] = photo_server.url(f"k9-{i}.png")
+        assert client.post("/listings", json=body).status_code == 202
+
+    post(0)
+    photo_server.wait_requested("k9-0.png")  # the worker is inside batch 1, on k9-0
+    for i in range(1, 16):
+        post(i)
+    photo_server.release("k9-0.png")
+    photo_server.wait_requested("k9-2.png")  # ... and now inside batch 2
+    r = redis.Redis.from_url(REDIS)
+    unacked = f"{rt.prefix}:kombu:unacked"
     stack["worker"].kill9()
-    done = sum(_status(client, x) == "indexed" for x in ids)
-    assert done < len(ids), "the batch finished before the kill: nothing was tested"
+    assert _status(client, "k9-0") == "indexed"
+    assert r.hlen(unacked) == 4, "the batch in flight: its own event and 3 claimed ones"
+    assert sum(_status(client, x) == "indexed" for x in ids) == 1
     stack["worker"] = Worker(rt.prefix, rt.settings.data_dir,
-                             stack["logs"] / "worker2.log")
+                             stack["logs"] / "worker2.log", **SMALL_BATCH)
     wait_until(lambda: all(_status(client, x) == "indexed" for x in ids), 180, every=0.2)
     wait_until(lambda: set(ids) <= set(other.replica.v.index.ids()), 2)
     for replica in (rt.replica, other.replica):
         all_ids = replica.v.index.ids()
         assert len(all_ids) == len(set(all_ids)), "a listing was indexed twice"
         assert set(all_ids) == before | set(ids)
+    assert "warning" not in rt.status.get("k9-2")  # its photo was fetched after the restart
+    # every event was acknowledged in the end, and is out of the ledger: nothing left to redo
+    wait_until(lambda: r.hlen(unacked) == 0, 30, every=0.1)
+    assert len(rt.ledger) == 0
 
 
 def test_delete_reaches_every_replica(stack) -> None:  # type: ignore[no-untyped-def]

@@ -33,14 +33,32 @@ def register(sub: argparse._SubParsersAction, bench_sub: object = None) -> None:
 
     if bench_sub is not None:
         p = bench_sub.add_parser(  # type: ignore[attr-defined]
-            "service", help="ingest throughput vs bare encoders; POST /search latency over HTTP"
+            "service",
+            help="through Redis + Celery workers: ingest throughput vs bare encoders, kill -9 "
+                 "losses, POST /search latency over HTTP",
         )
         p.add_argument("--data", type=Path, required=True, help="folder with the Flipkart CSV")
+        p.add_argument("--broker", default=None,
+                       help="Redis URL (default: VITRINE_BROKER_URL, else "
+                            "redis://127.0.0.1:6379/0); keys live under a fresh prefix and "
+                            "are deleted afterwards")
         p.add_argument("--ingest", type=int, default=200, help="listings ingested end to end")
+        p.add_argument("--kill9", type=int, default=64,
+                       help="listings of the kill -9 run (0: skip it)")
+        p.add_argument("--workers", default="2x1",
+                       help="worker layouts to measure, comma-separated PROCESSESxTHREADS "
+                            "(default 2x1: two processes, one torch thread each); the first "
+                            "is the headline and the kill -9 run's")
+        p.add_argument("--seed", type=int, default=0,
+                       help="seed the index with this many catalog listings (default: all "
+                            "the others)")
         p.add_argument("--size", type=int, default=100_000,
                        help="index size for the search latency (synthetic vectors added)")
-        p.add_argument("--queries", type=int, default=500)
+        p.add_argument("--queries", type=int, default=500, help="queries per kind")
+        p.add_argument("--visibility-timeout", type=float, default=60.0,
+                       help="of the bench's workers: a killed worker's batch comes back after it")
         p.add_argument("--out", type=Path, help="also write the JSON here")
+        p.add_argument("--logs", type=Path, help="keep the API's and workers' logs here")
         add_model_flags(p)
         p.set_defaults(func=cmd_bench_service)
 
@@ -98,10 +116,15 @@ def cmd_bench_service(args: argparse.Namespace) -> int:
 
     from .common import print_json
 
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = settings_from_args(args, data_dir=Path(tmp), broker_url="")
-        result = run_service_bench(settings, args.data, n_ingest=args.ingest, size=args.size,
-                                   queries=args.queries)
+    with tempfile.TemporaryDirectory(prefix="vitrine-bench-") as tmp:
+        settings = settings_from_args(args, data_dir=Path(tmp))
+        broker = args.broker or settings.broker_url or "redis://127.0.0.1:6379/0"
+        result = run_service_bench(
+            settings, args.data, broker_url=broker, n_ingest=args.ingest, n_kill9=args.kill9,
+            size=args.size, queries=args.queries, seed_size=args.seed,
+            workers=tuple(w.strip() for w in args.workers.split(",") if w.strip()),
+            visibility_timeout=args.visibility_timeout, logs=args.logs,
+        )
     print_json(result)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2, default=float))
