@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,53 @@ class Embedded:
     present: dict[str, np.ndarray]
     problems: dict[int, str] = field(default_factory=dict)
     failed: set[int] = field(default_factory=set)  # rows with no usable modality at all
+
+    @staticmethod
+    def concat(parts: Sequence[tuple[int, Embedded]], n: int) -> Embedded:
+        """Join shards embedded separately; ``parts`` are ``(first row, shard)``, in order."""
+        out = Embedded({}, {})
+        for key in parts[0][1].vectors:
+            out.vectors[key] = np.concatenate([p.vectors[key] for _, p in parts])
+            out.present[key] = np.concatenate([p.present[key] for _, p in parts])
+        for start, p in parts:
+            out.problems.update({start + i: why for i, why in p.problems.items()})
+            out.failed.update(start + i for i in p.failed)
+        assert all(len(v) == n for v in out.vectors.values())
+        return out
+
+
+_lane_lock = threading.Lock()
+_lane_users = 0
+_lane_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _lane_pool(lanes: int) -> ThreadPoolExecutor:
+    """Long-lived lane threads: torch's per-thread state (oneDNN primitives, OpenMP team)
+    stays warm from one batch to the next, which fresh threads per call would pay again."""
+    with _lane_lock:
+        if lanes not in _lane_pools:
+            _lane_pools[lanes] = ThreadPoolExecutor(lanes, thread_name_prefix="encode-lane")
+        return _lane_pools[lanes]
+
+
+@contextmanager
+def _single_torch_thread(configured: int) -> Iterator[None]:
+    """One intra-op torch thread while any parallel embedding runs in this process; the
+    configured count back when the last one ends (torch's thread count is process-wide)."""
+    from .encoders.base import configure_torch
+
+    global _lane_users
+    with _lane_lock:
+        _lane_users += 1
+        if _lane_users == 1:
+            configure_torch(1)
+    try:
+        yield
+    finally:
+        with _lane_lock:
+            _lane_users -= 1
+            if _lane_users == 0:
+                configure_torch(configured)
 
 
 def semantic_text(listing: Listing) -> str:
@@ -139,7 +189,31 @@ class Vitrine:
         return decode_image(raw, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
 
     def embed(self, listings: Sequence[Listing], progress: Progress | None = None) -> Embedded:
-        """Encode every modality of ``listings``. Bad photos drop the image modality only."""
+        """Encode every modality of ``listings``. Bad photos drop the image modality only.
+
+        A batch of several encoder batches is split over ``lanes`` threads, each running the
+        encoders with one torch thread: small-batch CNN/transformer passes scale badly over
+        intra-op threads, and whole passes side by side keep every core busy.
+        """
+        lanes = self._lanes(len(listings))
+        if lanes <= 1:
+            return self._embed_serial(listings, progress)
+        self.load_models()  # once, before the threads share them
+        bounds = np.linspace(0, len(listings), lanes + 1).astype(int)
+        shards = [(int(a), listings[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        with _single_torch_thread(self.settings.torch_threads):
+            parts = list(_lane_pool(lanes).map(
+                lambda sh: (sh[0], self._embed_serial(sh[1], progress)), shards))
+        return Embedded.concat(parts, len(listings))
+
+    def _lanes(self, n: int) -> int:
+        s = self.settings
+        want = s.encode_lanes or s.torch_threads or os.cpu_count() or 1
+        # a lane must get at least two encoder batches to be worth a thread
+        return max(1, min(want, n // (2 * max(1, s.batch_size))))
+
+    def _embed_serial(self, listings: Sequence[Listing],
+                      progress: Progress | None = None) -> Embedded:
         n = len(listings)
         vectors: dict[str, np.ndarray] = {}
         present: dict[str, np.ndarray] = {}

@@ -117,3 +117,22 @@ def test_predicted_labels_do_not_vote(settings, registry, small_catalog):
     vote = v.classify(Listing("q", "Analog watch for boys"))
     assert "u1" not in {n.id for n in vote.neighbours}
     np.testing.assert_equal(len(v), 21)
+
+
+def test_parallel_lanes_embed_like_one_lane(settings, registry, small_catalog):
+    """Lanes split a batch over threads: same vectors, problems at their own rows."""
+    bad = Listing("bad", "", image=b"junk")  # no text and an unusable photo
+    listings = [*small_catalog[:23], bad, *small_catalog[23:40]]
+    serial = Vitrine(settings.model_copy(update={"encode_lanes": 1, "batch_size": 4}), registry)
+    lanes = Vitrine(settings.model_copy(update={"encode_lanes": 3, "batch_size": 4}), registry)
+    assert serial._lanes(len(listings)) == 1 and lanes._lanes(len(listings)) == 3
+    seen: list[int] = []
+    a = serial.embed(listings)
+    b = lanes.embed(listings, progress=seen.append)
+    assert sum(seen) == len(listings)
+    assert a.vectors.keys() == b.vectors.keys()
+    for key in a.vectors:
+        np.testing.assert_allclose(a.vectors[key], b.vectors[key], atol=1e-4)
+        assert (a.present[key] == b.present[key]).all()
+    assert a.failed == b.failed == {23}
+    assert a.problems == b.problems and "no text either" in b.problems[23]
