@@ -293,9 +293,9 @@ class Runtime:
         assert self._inbox is not None
         stop = False
         while not stop:
-            # drain what is waiting, up to a batch: the encoders are much faster in batches
+            # drain what is waiting, up to a worker batch (as a Celery worker task takes them)
             paths = [self._inbox.get()]
-            while len(paths) < self.settings.batch_size:
+            while len(paths) < self.settings.worker_batch:
                 try:
                     paths.append(self._inbox.get_nowait())
                 except queue.Empty:
