@@ -21,14 +21,24 @@ def is_off(spec: str) -> bool:
     return spec.strip().lower() in NONE
 
 
+INT8 = "+int8"
+
+
 def load_text_encoder(spec: str, *, batch_size: int = 32, device: str = "cpu") -> Any:
-    """``tfidf`` or a sentence-transformers hub id / local directory."""
+    """``tfidf`` or a sentence-transformers hub id / local directory, optionally followed by
+    ``+int8``: its Linear layers dynamically quantized to int8 (CPU only)."""
     if spec.lower() == "tfidf":
         from .text import TfidfEncoder
 
         return TfidfEncoder()
     from .text import SentenceTransformerEncoder
 
+    if spec.endswith(INT8):
+        enc = SentenceTransformerEncoder(spec[: -len(INT8)], device=device,
+                                         batch_size=batch_size)
+        enc.quantize_int8()
+        enc.spec = spec  # recorded in the index: int8 and float vectors do not mix
+        return enc
     return SentenceTransformerEncoder(spec, device=device, batch_size=batch_size)
 
 
