@@ -11,7 +11,7 @@ endif
 DATA ?= $(if $(wildcard $(SHARED)/data/flipkart-1050),$(SHARED)/data/flipkart-1050,data/flipkart)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test check bench clean
+.PHONY: setup demo batch-demo data test check bench clean
 
 setup: .venv/.installed
 
@@ -22,11 +22,22 @@ setup: .venv/.installed
 	$(PY) -c "import torch, torchvision, faiss, open_clip, timm, sentence_transformers"
 	touch $@
 
-demo: setup
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+# The product on embedded defaults: the HTTP API with in-process ingestion (no Redis),
+# its index seeded with the demo catalog on the first run; state in var/ (VITRINE_DATA_DIR).
+demo: setup data
+	$(VITRINE) serve --catalog $(DATA)/flipkart_com-ecommerce_sample_1050.csv --host $(HOST) --port $(PORT)
+
+# The batch CLI on the same catalog: index, categorize every row, search.
+batch-demo: setup data
+	$(VITRINE) index --catalog $(DATA)/flipkart_com-ecommerce_sample_1050.csv --index var/batch-index
+	$(VITRINE) predict $(DATA)/flipkart_com-ecommerce_sample_1050.csv --index var/batch-index --output var/predictions.csv
+	$(VITRINE) search --index var/batch-index --text "analog wrist watch for men" -k 5
+
+data:
 	@test -f $(DATA)/flipkart_com-ecommerce_sample_1050.csv || $(VITRINE) fetch-data --out $(DATA)
-	$(VITRINE) index --catalog $(DATA)/flipkart_com-ecommerce_sample_1050.csv --index var/index
-	$(VITRINE) predict $(DATA)/flipkart_com-ecommerce_sample_1050.csv --index var/index --output var/predictions.csv
-	$(VITRINE) search --index var/index --text "analog wrist watch for men" -k 5
 
 test: setup
 	VITRINE_TEST_SHARED=$(abspath $(SHARED)) $(PY) -m pytest

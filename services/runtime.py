@@ -534,7 +534,13 @@ def seed(settings: Settings, catalog: Path, images: Path | None = None,
         v.build(listings)
         v.save(root, {"log_pos": oplog.last(), "info": {}})
         oplog.append({"op": "reload"})
-        return f"seeded the index with {len(v)} listings from {catalog} ({len(bad)} rows refused)"
+        ids = {x.id for x in listings}
+        refused = [b for b in bad if b.id not in ids]
+        notes = [f"{len(refused)} rows refused"] if refused else []
+        if len(bad) > len(refused):
+            notes.append(f"{len(bad) - len(refused)} indexed from their text only (photo missing)")
+        return (f"seeded the index with {len(v)} listings from {catalog}"
+                + (f" ({'; '.join(notes)})" if notes else ""))
     finally:
         if isinstance(oplog, LocalLog):
             oplog.close()

@@ -77,6 +77,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.catalog:
         print(seed(settings, args.catalog, args.images), file=sys.stderr)
     runtime = Runtime(settings)  # fails fast, with a clear message, if the broker is down
+    base = f"http://{args.host}:{args.port}"
+    print(f"vitrine: serving on {base} ({runtime.mode} mode, state in {settings.data_dir}); "
+          f"API docs at {base}/docs. Try:\n"
+          f"  curl -s {base}/search -H 'content-type: application/json' "
+          "-d '{\"text\": \"analog wrist watch for men\", \"k\": 5}'", file=sys.stderr)
     try:
         uvicorn.run(create_app(settings, runtime), host=args.host, port=args.port,
                     log_level="info", timeout_graceful_shutdown=10)
