@@ -42,6 +42,11 @@ faiss: Any = _faiss
 CURRENT = "CURRENT"
 
 
+def configure_faiss(threads: int) -> None:
+    """FAISS's OpenMP threads for this process (process-wide, like torch's)."""
+    faiss.omp_set_num_threads(threads)
+
+
 ANN_KINDS = ("ivf_sq8", "hnsw")
 KINDS = ("flat", *ANN_KINDS)
 

@@ -406,12 +406,9 @@ class QueryPool:
         self._pool: ThreadPoolExecutor | None = None
 
     def start(self, rt: Runtime) -> None:
-        try:
-            import faiss
+        from indexer.index import configure_faiss
 
-            faiss.omp_set_num_threads(1)
-        except Exception:  # pragma: no cover - faiss is a core dependency
-            pass
+        configure_faiss(1)
         if rt.mode == "redis":
             from indexer.encoders.base import configure_torch
 

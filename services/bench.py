@@ -508,7 +508,7 @@ def _search_latency(v: Any, http_: Http, real_ids: list[str], listings: list[Any
     import faiss
 
     from indexer.encoders.base import configure_torch
-    from indexer.index import ivf_nlist
+    from indexer.index import configure_faiss, ivf_nlist
 
     index = v.index
     res: dict[str, Any] = {
@@ -544,7 +544,7 @@ def _search_latency(v: Any, http_: Http, real_ids: list[str], listings: list[Any
         http_res[kind] = _pct(lat)
     res["http"] = http_res
     # the same work without HTTP, in this process, on one thread like the API's query threads
-    faiss.omp_set_num_threads(1)
+    configure_faiss(1)
     configure_torch(1)
     stored = index.get(real_ids[: min(len(real_ids), 500)])
     lat = []

@@ -121,8 +121,9 @@ class RedisStatus:
             return []
         return [json.loads(raw) if raw else None for raw in self.r.hmget(self.key, lids)]
 
-    def set(self, lid: str, status: dict[str, Any]) -> None:
-        self.r.hset(self.key, lid, json.dumps(status))
+    def set(self, lid: str, status: dict[str, Any], pipe: Any = None) -> None:
+        """Write now, or as part of ``pipe`` (a Redis pipeline the caller executes)."""
+        (pipe or self.r).hset(self.key, lid, json.dumps(status))
 
     def set_many(self, statuses: dict[str, dict[str, Any]]) -> None:
         if statuses:
@@ -261,7 +262,7 @@ class Runtime:
                 key = f"{self.prefix}:blob:{version}"
                 pipe.set(key, image, ex=BLOB_TTL_S)
                 payload["image_key"] = key
-            pipe.hset(self.status.key, lid, json.dumps({"status": "queued", "version": version}))
+            self.status.set(lid, {"status": "queued", "version": version}, pipe=pipe)
             self.ledger.add(pipe, payload)
             pipe.execute()
             self.celery.send_task("vitrine.ingest", args=[payload], queue=self.queue_name)
@@ -384,19 +385,17 @@ def ingest_many(rt: Runtime, items: list[Item], *, batch: str | None = None
         except Exception as e:
             if is_broker_error(e):
                 raise
-            log.exception("indexing a batch of %d listings failed; retrying them one by one",
-                          len(todo))
-            for one in todo if len(todo) > 1 else []:
-                try:
-                    _index(rt, [one], results, batch)
-                except Exception as e1:
-                    if is_broker_error(e1):
-                        raise
-                    log.exception("indexing listing %r failed", one[1]["id"])
-                    results[one[0]] = _failed(rt, one[1]["id"], one[1]["version"],
-                                              "internal error while indexing")
-            if len(todo) == 1:
-                i, payload, _ = todo[0]
+            log.exception("indexing a batch of %d listings failed%s", len(todo),
+                          "; retrying them one by one" if len(todo) > 1 else "")
+            for i, payload, image in todo:
+                if len(todo) > 1:  # alone, it may go through
+                    try:
+                        _index(rt, [(i, payload, image)], results, batch)
+                        continue
+                    except Exception as e1:
+                        if is_broker_error(e1):
+                            raise
+                        log.exception("indexing listing %r failed", payload["id"])
                 results[i] = _failed(rt, payload["id"], payload["version"],
                                      "internal error while indexing")
     for i, j in dups:

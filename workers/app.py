@@ -271,13 +271,14 @@ def runtime(app: Celery) -> Any:
     state = app.conf.state
     if "runtime" not in state:
         from indexer.encoders.base import configure_torch
+        from indexer.index import configure_faiss
         from services.runtime import Runtime
 
         settings: Settings = state["settings"]
         cores = os.cpu_count() or 1
         threads = settings.torch_threads or max(1, cores // settings.worker_concurrency)
         configure_torch(threads)
-        _faiss_threads(threads)
+        configure_faiss(threads)
         # the registry sets torch threads again when it loads a model: give it the same count
         rt = Runtime(settings.model_copy(update={"torch_threads": threads}))
         rt.celery = app  # the sweep re-sends events through it
@@ -287,15 +288,6 @@ def runtime(app: Celery) -> Any:
             _sweeper(app, rt)
         state["runtime"] = rt
     return state["runtime"]
-
-
-def _faiss_threads(n: int) -> None:
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(n)
-    except Exception:  # pragma: no cover - faiss is a core dependency
-        pass
 
 
 def _warm_up(rt: Any) -> None:
