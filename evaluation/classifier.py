@@ -118,7 +118,7 @@ def fine_tune(
 
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    enc = load_image_encoder(spec, batch_size=batch_size)
+    enc = load_image_encoder(spec, batch_size=batch_size, optimize=False)
     backbone = enc.model
     prefix, n_train, first = split_backbone(backbone, train_fraction)
     params = list(backbone.parameters())

