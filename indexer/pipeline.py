@@ -59,16 +59,23 @@ class Embedded:
     failed: set[int] = field(default_factory=set)  # rows with no usable modality at all
 
     @staticmethod
-    def concat(parts: Sequence[tuple[int, Embedded]], n: int) -> Embedded:
-        """Join shards embedded separately; ``parts`` are ``(first row, shard)``, in order."""
-        out = Embedded({}, {})
-        for key in parts[0][1].vectors:
-            out.vectors[key] = np.concatenate([p.vectors[key] for _, p in parts])
-            out.present[key] = np.concatenate([p.present[key] for _, p in parts])
-        for start, p in parts:
-            out.problems.update({start + i: why for i, why in p.problems.items()})
-            out.failed.update(start + i for i in p.failed)
-        assert all(len(v) == n for v in out.vectors.values())
+    def gather(parts: Sequence[tuple[Sequence[int], Embedded]], n: int) -> Embedded:
+        """Join pieces embedded separately; ``parts`` are ``(the piece's rows, piece)``."""
+        first = parts[0][1]
+        out = Embedded(
+            {k: np.zeros((n, v.shape[1]), v.dtype) for k, v in first.vectors.items()},
+            {k: np.zeros(n, bool) for k in first.present},
+        )
+        covered = 0
+        for rows, p in parts:
+            idx = np.asarray(rows, dtype=np.int64)
+            for key in out.vectors:
+                out.vectors[key][idx] = p.vectors[key]
+                out.present[key][idx] = p.present[key]
+            out.problems.update({int(idx[i]): why for i, why in p.problems.items()})
+            out.failed.update(int(idx[i]) for i in p.failed)
+            covered += len(idx)
+        assert covered == n, "the pieces must cover every row once"
         return out
 
 
@@ -191,20 +198,27 @@ class Vitrine:
     def embed(self, listings: Sequence[Listing], progress: Progress | None = None) -> Embedded:
         """Encode every modality of ``listings``. Bad photos drop the image modality only.
 
-        A batch of several encoder batches is split over ``lanes`` threads, each running the
+        A batch of several encoder batches is run by ``lanes`` threads, each running the
         encoders with one torch thread: small-batch CNN/transformer passes scale badly over
-        intra-op threads, and whole passes side by side keep every core busy.
+        intra-op threads, and whole passes side by side keep every core busy. The batch is
+        cut into pieces of two encoder batches, longest texts first (similar lengths share
+        a text batch, so little padding), and each lane takes the next piece when it is
+        done with one: no lane idles while another still has a long shard to go.
         """
         lanes = self._lanes(len(listings))
         if lanes <= 1:
             return self._embed_serial(listings, progress)
         self.load_models()  # once, before the threads share them
-        bounds = np.linspace(0, len(listings), lanes + 1).astype(int)
-        shards = [(int(a), listings[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        order = np.argsort([-len(semantic_text(x)) for x in listings], kind="stable")
+        step = 2 * max(1, self.settings.batch_size)
+        pieces = [order[a : a + step].tolist() for a in range(0, len(order), step)]
+
+        def run(rows: list[int]) -> tuple[list[int], Embedded]:
+            return rows, self._embed_serial([listings[i] for i in rows], progress)
+
         with _single_torch_thread(self.settings.torch_threads):
-            parts = list(_lane_pool(lanes).map(
-                lambda sh: (sh[0], self._embed_serial(sh[1], progress)), shards))
-        return Embedded.concat(parts, len(listings))
+            parts = list(_lane_pool(lanes).map(run, pieces))
+        return Embedded.gather(parts, len(listings))
 
     def _lanes(self, n: int) -> int:
         s = self.settings
