@@ -134,7 +134,7 @@ def _wait(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.0
         time.sleep(every)
 
 
-def run_service_bench(settings: Settings, data: Path, *, broker_url: str, n_ingest: int = 200,
+def run_service_bench(settings: Settings, data: Path, *, broker_url: str, n_ingest: int = 800,
                       n_kill9: int = 64, size: int = 100_000, queries: int = 500,
                       workers: tuple[str, ...] = ("2x1",), seed_size: int = 0,
                       visibility_timeout: float = 60.0, logs: Path | None = None

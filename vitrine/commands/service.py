@@ -42,7 +42,9 @@ def register(sub: argparse._SubParsersAction, bench_sub: object = None) -> None:
                        help="Redis URL (default: VITRINE_BROKER_URL, else "
                             "redis://127.0.0.1:6379/0); keys live under a fresh prefix and "
                             "are deleted afterwards")
-        p.add_argument("--ingest", type=int, default=200, help="listings ingested end to end")
+        p.add_argument("--ingest", type=int, default=800,
+                       help="listings ingested end to end (default 800: a sustained run of "
+                            "~15 s; a short burst mostly measures its ramp and its tail)")
         p.add_argument("--kill9", type=int, default=64,
                        help="listings of the kill -9 run (0: skip it)")
         p.add_argument("--workers", default="2x1",
