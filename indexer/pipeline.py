@@ -209,7 +209,9 @@ class Vitrine:
         if lanes <= 1:
             return self._embed_serial(listings, progress)
         self.load_models()  # once, before the threads share them
-        order = np.argsort([-len(semantic_text(x)) for x in listings], kind="stable")
+        # raw text length orders well enough, without cleaning every text twice
+        order = np.argsort([-(len(x.title) + len(x.description)) for x in listings],
+                           kind="stable")
         step = 2 * max(1, self.settings.batch_size)
         pieces = [order[a : a + step].tolist() for a in range(0, len(order), step)]
 
