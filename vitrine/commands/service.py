@@ -68,6 +68,7 @@ def register(sub: argparse._SubParsersAction, bench_sub: object = None) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from indexer.encoders.registry import ModelRegistry
     from indexer.errors import VitrineError
     from services.api import create_app
     from services.runtime import Runtime, seed
@@ -76,9 +77,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.environment == "production" and not settings.api_key:
         raise VitrineError("VITRINE_ENVIRONMENT=production needs VITRINE_API_KEY for the write "
                            "endpoints")
+    registry = ModelRegistry(settings)  # one load of each model for the seeding and serving
     if args.catalog:
-        print(seed(settings, args.catalog, args.images), file=sys.stderr)
-    runtime = Runtime(settings)  # fails fast, with a clear message, if the broker is down
+        print(seed(settings, args.catalog, args.images, registry), file=sys.stderr)
+    # fails fast, with a clear message, if the broker is down
+    runtime = Runtime(settings, registry)
     base = f"http://{args.host}:{args.port}"
     print(f"vitrine: serving on {base} ({runtime.mode} mode, state in {settings.data_dir}); "
           f"API docs at {base}/docs. Try:\n"
