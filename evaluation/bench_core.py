@@ -5,6 +5,11 @@ stratified folds, everything that is *fitted* is fitted on the training part onl
 TF-IDF/LSA vocabulary and basis, the centring means), the training listings are indexed,
 and every held-out listing is voted by its labelled neighbours, exactly as
 ``Vitrine.classify`` would. Predictions are pooled over the folds into one macro-F1.
+
+Beside the variants, a **reference** that is not the product: a multinomial logistic
+regression trained on the same fused vectors of the same training folds (a "linear probe").
+It answers "how far can these features go with a supervised model?", so a kNN result can be
+read against the features' own ceiling rather than against an absolute number.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from indexer.settings import Settings
 CSV_NAME = "flipkart_com-ecommerce_sample_1050.csv"
 
 # name -> which blocks take part (the others get weight 0)
+PROBE = "linear_probe_reference"
+PROBE_C = 10.0  # inverse L2 strength; the fused rows are unit-norm blocks
+
 VARIANTS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
     "lexical": ("lexical",),
@@ -49,18 +57,22 @@ def cross_validate(
     folds: int = 5,
     seed: int = 0,
     variants: dict[str, tuple[str, ...]] = VARIANTS,
+    probe: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Out-of-fold kNN voting per variant -> ``{variant: {accuracy, macro_f1, ...}}``.
 
     ``emb`` holds the ``text`` and ``image`` vectors of ``listings``; the lexical view is
-    refitted inside each fold.
+    refitted inside each fold. With ``probe``, the ``fused`` variant's vectors also train the
+    linear-probe reference (key ``PROBE``).
     """
+    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score
     from sklearn.model_selection import StratifiedKFold
 
     y = np.array([x.category for x in listings])
-    preds: dict[str, np.ndarray] = {name: np.empty(len(y), dtype=object) for name in variants}
-    confs: dict[str, np.ndarray] = {name: np.zeros(len(y)) for name in variants}
+    names = list(variants) + ([PROBE] if probe and "fused" in variants else [])
+    preds: dict[str, np.ndarray] = {name: np.empty(len(y), dtype=object) for name in names}
+    confs: dict[str, np.ndarray] = {name: np.zeros(len(y)) for name in names}
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for train, test in splitter.split(np.zeros(len(y)), y):
         lexical_owner = Vitrine(settings, registry)
@@ -90,8 +102,17 @@ def cross_validate(
                 vote = v.vote_vector(fused[row], exclude=listings[i].id)
                 preds[name][i] = vote.category
                 confs[name][i] = vote.confidence
+            if name == "fused" and PROBE in names:
+                seen = v.fusion.fuse(
+                    {k: fold_emb.vectors[k][train] for k in v.fusion.names},
+                    {k: fold_emb.present[k][train] for k in v.fusion.names},
+                )
+                clf = LogisticRegression(C=PROBE_C, max_iter=2000).fit(seen, y[train])
+                proba = clf.predict_proba(fused)
+                preds[PROBE][test] = clf.classes_[proba.argmax(axis=1)]
+                confs[PROBE][test] = proba.max(axis=1)
     out: dict[str, dict[str, float]] = {}
-    for name in variants:
+    for name in names:
         if preds[name][0] is None and not any(preds[name]):
             continue
         p = preds[name].astype(str)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from evaluation.bench_core import run_core_bench
+from evaluation.bench_core import PROBE, run_core_bench
 
 from ..conftest import DATA_DIR
 
@@ -11,10 +11,12 @@ from ..conftest import DATA_DIR
 def test_core_bench_reports_every_modality(settings):
     r = run_core_bench(DATA_DIR, settings, folds=2, limit=70, repeats=2)
     assert r["listings"] == 70
-    assert set(r["cv"]["results"]) == {"text", "lexical", "image", "text+lexical", "fused"}
+    assert set(r["cv"]["results"]) == {"text", "lexical", "image", "text+lexical", "fused", PROBE}
     for m in r["cv"]["results"].values():
         assert 0.0 <= m["macro_f1"] <= 1.0 and len(m["macro_f1_per_repeat"]) == 2
     # 70 listings of one or two categories: voting is still far above chance
     assert r["cv"]["results"]["fused"]["accuracy"] > 0.5
+    # the supervised reference, trained on the same fused vectors of the same folds
+    assert r["cv"]["results"][PROBE]["accuracy"] > 0.5
     assert r["speed"]["text_listings_per_s"] > 0 and r["speed"]["image_listings_per_s"] > 0
     assert r["latency_ms"]["search_k10"]["p99"] >= r["latency_ms"]["search_k10"]["p50"] > 0
