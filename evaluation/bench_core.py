@@ -28,10 +28,12 @@ from indexer.settings import Settings
 
 CSV_NAME = "flipkart_com-ecommerce_sample_1050.csv"
 
-# name -> which blocks take part (the others get weight 0)
+# the supervised reference's key in the results, and its inverse L2 strength (the fused rows
+# are unit-norm blocks)
 PROBE = "linear_probe_reference"
-PROBE_C = 10.0  # inverse L2 strength; the fused rows are unit-norm blocks
+PROBE_C = 10.0
 
+# name -> which blocks take part (the others get weight 0)
 VARIANTS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
     "lexical": ("lexical",),
@@ -57,20 +59,19 @@ def cross_validate(
     folds: int = 5,
     seed: int = 0,
     variants: dict[str, tuple[str, ...]] = VARIANTS,
-    probe: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Out-of-fold kNN voting per variant -> ``{variant: {accuracy, macro_f1, ...}}``.
 
     ``emb`` holds the ``text`` and ``image`` vectors of ``listings``; the lexical view is
-    refitted inside each fold. With ``probe``, the ``fused`` variant's vectors also train the
-    linear-probe reference (key ``PROBE``).
+    refitted inside each fold. When ``fused`` is among the variants, its vectors also train
+    the linear-probe reference (key ``PROBE``).
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score
     from sklearn.model_selection import StratifiedKFold
 
     y = np.array([x.category for x in listings])
-    names = list(variants) + ([PROBE] if probe and "fused" in variants else [])
+    names = list(variants) + ([PROBE] if "fused" in variants else [])
     preds: dict[str, np.ndarray] = {name: np.empty(len(y), dtype=object) for name in names}
     confs: dict[str, np.ndarray] = {name: np.zeros(len(y)) for name in names}
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
