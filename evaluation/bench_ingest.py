@@ -26,7 +26,7 @@ import numpy as np
 from indexer.catalog import Listing, read_listings
 from indexer.encoders.base import configure_torch
 from indexer.encoders.registry import ModelRegistry
-from indexer.pipeline import Embedded, Vitrine, lexical_text, semantic_text
+from indexer.pipeline import Embedded, Vitrine, entries, lexical_text, semantic_text
 from indexer.settings import Settings
 
 CSV_NAME = "flipkart_com-ecommerce_sample_1050.csv"
@@ -72,7 +72,7 @@ def _ingest_batched(v: Vitrine, listings: Sequence[Listing], stages: dict[str, f
     with stage("fuse"):
         fused = v.fuse(Embedded(vectors, present))
     with stage("index_upsert"):
-        v._add(listings, fused, set())
+        v.apply(entries(listings, fused))
 
 
 def encoder_sweep(

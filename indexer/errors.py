@@ -15,6 +15,10 @@ class ImageError(InvalidInput):
     """A photo that cannot be used: missing, empty, corrupt, truncated, too large, a bomb."""
 
 
+class ImageTooLarge(ImageError):
+    """A photo over the configured byte limit (HTTP 413)."""
+
+
 class ModelSpecError(VitrineError):
     """An encoder spec string that cannot be parsed or loaded."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ImageError, ImageTooLarge
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -29,7 +29,7 @@ def read_image_bytes(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> by
     except OSError as e:
         raise ImageError(f"photo unreadable: {p}: {e.strerror}") from None
     if size > max_bytes:
-        raise ImageError(f"photo too large: {size} bytes > limit {max_bytes}")
+        raise ImageTooLarge(f"photo too large: {size} bytes > limit {max_bytes}")
     if size == 0:
         raise ImageError(f"photo is empty: {p}")
     return p.read_bytes()
@@ -58,7 +58,7 @@ def decode_image(
     if not data:
         raise ImageError("image is empty")
     if len(data) > max_bytes:
-        raise ImageError(f"image too large: {len(data)} bytes > limit {max_bytes}")
+        raise ImageTooLarge(f"image too large: {len(data)} bytes > limit {max_bytes}")
     try:
         with warnings.catch_warnings():
             # Pillow warns between MAX_IMAGE_PIXELS and 2x; we enforce our own limit instead.

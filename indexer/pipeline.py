@@ -1,8 +1,11 @@
 """The core of vitrine: listings -> fused vectors -> FAISS index -> categories and neighbours.
 
 :class:`Vitrine` is what every adapter (CLI, Celery worker, HTTP API, evaluation) drives. It
-owns the fusion layout, the fitted lexical encoder, the vector index and each listing's
-metadata, and saves/loads them together as one atomic snapshot.
+owns the fusion layout, the fitted lexical encoder and the vector index (which keeps each
+listing's metadata as its payload), and saves/loads them together as one atomic snapshot.
+
+Every read takes one :class:`State` (fusion, lexical encoder, index view) at its start and
+uses nothing else, so a write, a merge or a reload during a request never mixes two versions.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import os
 import pickle
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -27,7 +30,14 @@ from .encoders.text import TfidfEncoder, strip_boilerplate
 from .errors import ImageError, IndexMismatch, InvalidInput, NotFound
 from .fusion import Block, Fusion
 from .images import decode_image, read_image_bytes
-from .index import IndexConfig, VectorIndex, current_snapshot, write_snapshot
+from .index import (
+    IndexConfig,
+    IndexView,
+    VectorIndex,
+    current_snapshot,
+    read_snapshot,
+    write_snapshot,
+)
 from .knn import Neighbour, Vote, vote
 from .settings import Settings
 
@@ -37,8 +47,10 @@ SNAPSHOT_FORMAT = 1
 CHUNK = 256  # listings decoded and encoded at a time: bounds memory for decoded photos
 
 
-@dataclass
+@dataclass(frozen=True)
 class ListingMeta:
+    """A listing's metadata: the typed view of its payload in the index."""
+
     title: str
     category: str | None = None
     source: str = "seller"  # "seller" / "catalog": a label that votes; "predicted": does not
@@ -47,6 +59,68 @@ class ListingMeta:
     @property
     def labelled(self) -> bool:
         return self.category is not None and self.source != "predicted"
+
+    @classmethod
+    def of(cls, listing: Listing) -> ListingMeta:
+        return cls(listing.title, listing.category,
+                   "seller" if listing.category else "predicted", list(listing.category_path))
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> ListingMeta:
+        return cls(str(payload.get("title", "")), payload.get("category"),
+                   str(payload.get("source", "seller")), list(payload.get("category_path", [])))
+
+    def payload(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Upsert = tuple[str, np.ndarray, ListingMeta]
+
+
+def entries(listings: Sequence[Listing], fused: np.ndarray,
+            skip: Iterable[int] = ()) -> list[Upsert]:
+    """The ``(id, fused vector, metadata)`` upserts of ``listings`` but the rows ``skip``."""
+    left_out = set(skip)
+    return [(x.id, fused[i], ListingMeta.of(x))
+            for i, x in enumerate(listings) if i not in left_out]
+
+
+def _columns(upserts: Sequence[Upsert], dim: int) -> dict[str, Any]:
+    """Upserts as :meth:`VectorIndex.apply` arguments."""
+    vectors = (np.stack([np.asarray(v, np.float32).reshape(-1) for _, v, _ in upserts])
+               if upserts else np.zeros((0, dim), np.float32))
+    return {
+        "ids": [lid for lid, _, _ in upserts],
+        "vectors": vectors,
+        "payloads": [m.payload() for _, _, m in upserts],
+        "labelled": [m.labelled for _, _, m in upserts],
+        "categories": [m.category for _, _, m in upserts],
+    }
+
+
+@dataclass(frozen=True)
+class State:
+    """Everything a read needs, in one version: take it once per request, use only it."""
+
+    fusion: Fusion
+    lexical: TfidfEncoder | None
+    view: IndexView
+
+    def meta(self, listing_id: str) -> ListingMeta | None:
+        """The stored metadata of a listing, None when it is not indexed."""
+        try:
+            return ListingMeta.from_payload(self.view.payload(listing_id))
+        except KeyError:
+            return None
+
+
+@dataclass(frozen=True)
+class _Core:
+    """What a build, a load or a reload replaces as a whole (one reference swap)."""
+
+    fusion: Fusion | None = None
+    lexical: TfidfEncoder | None = None
+    index: VectorIndex | None = None
 
 
 @dataclass
@@ -124,16 +198,51 @@ def lexical_text(listing: Listing) -> str:
 
 
 class Vitrine:
-    """Encoders + fusion + index + metadata. Thread-safe for concurrent reads and writes."""
+    """Encoders + fusion + one index. Reads are lock-free; see :meth:`state`.
+
+    Writes (:meth:`apply`, :meth:`upsert`, :meth:`delete`) serialize on the index's writer
+    mutex; :meth:`build`, :meth:`create_empty`, :meth:`load` and :meth:`adopt` replace
+    fusion, lexical encoder and index together in one swap.
+    """
 
     def __init__(self, settings: Settings, registry: ModelRegistry | None = None) -> None:
         self.settings = settings
         self.registry = registry or ModelRegistry(settings)
-        self.fusion: Fusion | None = None
-        self.lexical: TfidfEncoder | None = None
-        self.index: VectorIndex | None = None
-        self.meta: dict[str, ListingMeta] = {}
-        self._write_lock = threading.RLock()
+        self._core = _Core()
+        self.extra: dict[str, Any] = {}  # the extra.json of the snapshot load() read
+        self.snapshot: Path | None = None  # that snapshot's folder
+
+    @property
+    def fusion(self) -> Fusion | None:
+        return self._core.fusion
+
+    @property
+    def index(self) -> VectorIndex | None:
+        return self._core.index
+
+    @property
+    def lexical(self) -> TfidfEncoder | None:
+        return self._core.lexical
+
+    @lexical.setter
+    def lexical(self, encoder: TfidfEncoder | None) -> None:
+        # set before a build: a fitted index keeps the encoder it was built with
+        self._core = _Core(self._core.fusion, encoder, self._core.index)
+
+    def adopt(self, other: Vitrine) -> None:
+        """Take ``other``'s fusion, lexical encoder, index and snapshot (a reload) in one swap.
+
+        Requests already running keep the :class:`State` they took.
+        """
+        self._core = other._core
+        self.extra, self.snapshot = dict(other.extra), other.snapshot
+
+    def state(self) -> State:
+        """The current version of everything a read needs (raises when nothing is built)."""
+        core = self._core
+        if core.fusion is None or core.index is None:
+            raise IndexMismatch("the index is empty: index a catalog first (`vitrine index`)")
+        return State(core.fusion, core.lexical, core.index.view())
 
     # --- configuration --------------------------------------------------------------------
     @property
@@ -150,12 +259,13 @@ class Vitrine:
     def use_lexical(self) -> bool:
         return self.settings.lexical or self.settings.text_model.lower() == "tfidf"
 
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self, fusion: Fusion | None = None) -> dict[str, Any]:
+        fusion = fusion or self.fusion
         return {
             "format": SNAPSHOT_FORMAT,
             "text_model": self.text_spec,
             "image_model": self.image_spec,
-            "fusion": self.fusion.describe() if self.fusion else [],
+            "fusion": fusion.describe() if fusion else [],
         }
 
     def _index_config(self) -> IndexConfig:
@@ -174,10 +284,12 @@ class Vitrine:
         return self.fusion is not None and self.index is not None
 
     def __len__(self) -> int:
-        return len(self.index) if self.index is not None else 0
+        index = self.index
+        return len(index) if index is not None else 0
 
     def __contains__(self, listing_id: object) -> bool:
-        return self.index is not None and listing_id in self.index
+        index = self.index
+        return index is not None and listing_id in index
 
     # --- embedding ------------------------------------------------------------------------
     def load_models(self) -> None:
@@ -195,8 +307,11 @@ class Vitrine:
         raw = data if isinstance(data, bytes) else read_image_bytes(data, s.max_image_bytes)
         return decode_image(raw, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
 
-    def embed(self, listings: Sequence[Listing], progress: Progress | None = None) -> Embedded:
+    def embed(self, listings: Sequence[Listing], progress: Progress | None = None, *,
+              state: State | None = None) -> Embedded:
         """Encode every modality of ``listings``. Bad photos drop the image modality only.
+
+        The lexical view is ``state``'s (a read's), else the current one.
 
         A batch of several encoder batches is run by ``lanes`` threads, each running the
         encoders with one torch thread: small-batch CNN/transformer passes scale badly over
@@ -205,9 +320,10 @@ class Vitrine:
         a text batch, so little padding), and each lane takes the next piece when it is
         done with one: no lane idles while another still has a long shard to go.
         """
+        lexical = state.lexical if state is not None else self.lexical
         lanes = self._lanes(len(listings))
         if lanes <= 1:
-            return self._embed_serial(listings, progress)
+            return self._embed_serial(listings, progress, lexical)
         self.load_models()  # once, before the threads share them
         # raw text length orders well enough, without cleaning every text twice
         order = np.argsort([-(len(x.title) + len(x.description)) for x in listings],
@@ -216,7 +332,7 @@ class Vitrine:
         pieces = [order[a : a + step].tolist() for a in range(0, len(order), step)]
 
         def run(rows: list[int]) -> tuple[list[int], Embedded]:
-            return rows, self._embed_serial([listings[i] for i in rows], progress)
+            return rows, self._embed_serial([listings[i] for i in rows], progress, lexical)
 
         with _single_torch_thread(self.settings.torch_threads):
             parts = list(_lane_pool(lanes).map(run, pieces))
@@ -228,8 +344,8 @@ class Vitrine:
         # a lane must get at least two encoder batches to be worth a thread
         return max(1, min(want, n // (2 * max(1, s.batch_size))))
 
-    def _embed_serial(self, listings: Sequence[Listing],
-                      progress: Progress | None = None) -> Embedded:
+    def _embed_serial(self, listings: Sequence[Listing], progress: Progress | None = None,
+                      lexical: TfidfEncoder | None = None) -> Embedded:
         n = len(listings)
         vectors: dict[str, np.ndarray] = {}
         present: dict[str, np.ndarray] = {}
@@ -239,8 +355,8 @@ class Vitrine:
             enc = self.registry.get("text", self.text_spec)
             vectors["text"] = np.zeros((n, enc.dim), np.float32)
             present["text"] = has_text.copy()
-        if self.use_lexical and self.lexical is not None:
-            vectors["lexical"] = np.zeros((n, self.lexical.dim), np.float32)
+        if self.use_lexical and lexical is not None:
+            vectors["lexical"] = np.zeros((n, lexical.dim), np.float32)
             present["lexical"] = has_text.copy()
         if self.image_spec:
             ienc = self.registry.get("image", self.image_spec)
@@ -252,8 +368,8 @@ class Vitrine:
             if "text" in vectors and rows:
                 vectors["text"][rows] = enc.encode([semantic_text(listings[r]) for r in rows])
             if "lexical" in vectors and rows:
-                assert self.lexical is not None
-                vectors["lexical"][rows] = self.lexical.encode(
+                assert lexical is not None
+                vectors["lexical"][rows] = lexical.encode(
                     [lexical_text(listings[r]) for r in rows]
                 )
             if "image" in vectors:
@@ -282,10 +398,11 @@ class Vitrine:
             )
         return Embedded(vectors, present, problems, failed)
 
-    def fuse(self, emb: Embedded) -> np.ndarray:
-        if self.fusion is None:
+    def fuse(self, emb: Embedded, *, state: State | None = None) -> np.ndarray:
+        fusion = state.fusion if state is not None else self.fusion
+        if fusion is None:
             raise IndexMismatch("the index is not built yet: run `vitrine index` first")
-        return self.fusion.fuse(emb.vectors, emb.present)
+        return fusion.fuse(emb.vectors, emb.present)
 
     # --- building and writing -------------------------------------------------------------
     def fit_lexical(self, listings: Sequence[Listing]) -> None:
@@ -323,11 +440,9 @@ class Vitrine:
             raise InvalidInput("no modality is configured: set a text or an image model")
         fusion = Fusion(blocks).fit(emb.vectors, emb.present)
         fused = fusion.fuse(emb.vectors, emb.present)
-        with self._write_lock:
-            self.fusion = fusion
-            self.index = VectorIndex(fusion.dim, self._index_config())
-            self.meta = {}
-            self._add(listings, fused, emb.failed)
+        cols = _columns(entries(listings, fused, emb.failed), fusion.dim)
+        index = VectorIndex.bulk(fusion.dim, config=self._index_config(), **cols)
+        self._core = _Core(fusion, self.lexical, index)
 
     def create_empty(self) -> None:
         """An empty index with the configured encoders and no fitted lexical view."""
@@ -340,22 +455,18 @@ class Vitrine:
         blocks = [Block(k, d, w) for k, (d, w) in dims.items() if w > 0]
         if not blocks:
             raise InvalidInput("no modality is configured: set a text or an image model")
-        with self._write_lock:
-            self.lexical = None
-            self.fusion = Fusion(blocks)
-            self.index = VectorIndex(self.fusion.dim, self._index_config())
-            self.meta = {}
+        fusion = Fusion(blocks)
+        self._core = _Core(fusion, None, VectorIndex(fusion.dim, self._index_config()))
 
-    def _add(self, listings: Sequence[Listing], fused: np.ndarray, failed: set[int]) -> None:
-        keep = [i for i in range(len(listings)) if i not in failed]
-        assert self.index is not None
-        self.index.upsert([listings[i].id for i in keep], fused[keep])
-        for i in keep:
-            x = listings[i]
-            self.meta[x.id] = ListingMeta(
-                x.title, x.category, "seller" if x.category else "predicted",
-                list(x.category_path),
-            )
+    def apply(self, upserts: Sequence[Upsert], deletes: Sequence[str] = ()) -> int:
+        """Upsert ``(id, fused vector, metadata)`` and delete ids, published as one version.
+
+        An id may not be in both. Returns how many of ``deletes`` were indexed.
+        """
+        index = self.index
+        if index is None:
+            raise IndexMismatch("the index is not built yet: run `vitrine index` first")
+        return index.apply(**_columns(upserts, index.dim), deletes=list(deletes))
 
     def upsert(
         self, listings: Sequence[Listing], progress: Progress | None = None
@@ -363,54 +474,40 @@ class Vitrine:
         """Embed and add/replace listings. Returns ``{row: problem}`` like :meth:`build`."""
         if not self.ready:
             self.create_empty()
-        emb = self.embed(listings, progress)
-        fused = self.fuse(emb)
-        with self._write_lock:
-            self._add(listings, fused, emb.failed)
+        st = self.state()
+        emb = self.embed(listings, progress, state=st)
+        fused = self.fuse(emb, state=st)
+        self.apply(entries(listings, fused, emb.failed))
         return emb.problems
 
-    def set_category(self, listing_id: str, category: str | None, source: str) -> None:
-        if listing_id not in self.meta:
-            raise NotFound(f"unknown listing {listing_id!r}")
-        self.meta[listing_id].category = category
-        self.meta[listing_id].source = source
-
     def delete(self, ids: Iterable[str]) -> int:
-        ids = list(ids)
-        with self._write_lock:
-            n = self.index.delete(ids) if self.index is not None else 0
-            for i in ids:
-                self.meta.pop(i, None)
-            return n
+        return self.apply([], list(ids)) if self.index is not None else 0
 
     # --- reading --------------------------------------------------------------------------
-    def _require_ready(self) -> tuple[Fusion, VectorIndex]:
-        if self.fusion is None or self.index is None:
-            raise IndexMismatch("the index is empty: index a catalog first (`vitrine index`)")
-        return self.fusion, self.index
-
     def query_vector(
         self,
         text: str | None = None,
         image: bytes | str | Path | None = None,
         listing_id: str | None = None,
+        *,
+        state: State | None = None,
     ) -> np.ndarray:
         """The fused vector of a query: a stored listing, or text and/or a photo."""
-        fusion, index = self._require_ready()
+        st = state or self.state()
         if listing_id is not None:
-            if listing_id not in index:
+            if listing_id not in st.view:
                 raise NotFound(f"unknown listing {listing_id!r}")
-            return index.get([listing_id])
+            return st.view.get([listing_id])
         if not (text and text.strip()) and image is None:
             raise InvalidInput("give a text, a photo or a listing id to search with")
         q = Listing(id="query", title=(text or "").strip(), image=image)
-        emb = self.embed([q])
+        emb = self.embed([q], state=st)
         if 0 in emb.problems and "image" in emb.vectors and image is not None:
             if 0 in emb.failed or not (text and text.strip()):
                 raise ImageError(emb.problems[0].split("(", 1)[-1].split(")")[0])
         if 0 in emb.failed:
             raise InvalidInput(emb.problems[0])
-        return self.fuse(emb)
+        return self.fuse(emb, state=st)
 
     def search_vector(
         self,
@@ -420,29 +517,21 @@ class Vitrine:
         category: str | None = None,
         exclude: str | None = None,
         labelled_only: bool = False,
+        state: State | None = None,
     ) -> list[Neighbour]:
-        """Nearest listings to one fused vector; scores are weighted mean cosines."""
-        fusion, index = self._require_ready()
-        norm = float(fusion.query_norm(fused.reshape(1, -1))[0]) or 1.0
+        """Nearest listings to one fused vector; scores are weighted mean cosines.
+
+        The filters run inside the index search (bounded work however few listings pass).
+        """
+        st = state or self.state()
+        q = fused.reshape(1, -1)
+        norm = float(st.fusion.query_norm(q)[0]) or 1.0
         want = k + (1 if exclude else 0)
-        fetch = want if category is None and not labelled_only else max(4 * want, 64)
-        while True:
-            hits = index.search(fused.reshape(1, -1), fetch)[0]
-            out: list[Neighbour] = []
-            for lid, s in hits:
-                m = self.meta.get(lid)
-                if m is None or lid == exclude:
-                    continue
-                if category is not None and m.category != category:
-                    continue
-                if labelled_only and not m.labelled:
-                    continue
-                out.append(Neighbour(lid, s / norm, m.category, m.title))
-                if len(out) == k:
-                    return out
-            if fetch >= len(index):
-                return out
-            fetch = min(4 * fetch, len(index))
+        hits = st.view.search(q, want, category=category, labelled_only=labelled_only)[0]
+        return [
+            Neighbour(lid, s / norm, p.get("category"), p.get("title", ""))
+            for lid, s, p in hits if lid != exclude
+        ][:k]
 
     def search(
         self,
@@ -455,19 +544,22 @@ class Vitrine:
     ) -> list[Neighbour]:
         if not 1 <= k <= 1000:
             raise InvalidInput("k must be between 1 and 1000")
-        fused = self.query_vector(text, image, listing_id)
-        return self.search_vector(fused[0], k, category=category, exclude=listing_id)
+        st = self.state()
+        fused = self.query_vector(text, image, listing_id, state=st)
+        return self.search_vector(fused[0], k, category=category, exclude=listing_id, state=st)
 
-    def vote_vector(self, fused: np.ndarray, *, exclude: str | None = None) -> Vote:
+    def vote_vector(self, fused: np.ndarray, *, exclude: str | None = None,
+                    state: State | None = None) -> Vote:
         """kNN vote for one fused vector among the labelled listings (late fusion)."""
-        fusion, index = self._require_ready()
+        st = state or self.state()
         s = self.settings
         pool = self.search_vector(
-            fused, max(s.knn_pool, s.knn_k), exclude=exclude, labelled_only=True
+            fused, max(s.knn_pool, s.knn_k), exclude=exclude, labelled_only=True, state=st
         )
         if not pool:
             return Vote(None, 0.0, True, {}, [])
-        cand = fusion.split(index.get([n.id for n in pool]))
+        fusion = st.fusion
+        cand = fusion.split(st.view.get([n.id for n in pool]))
         query = {k: v[0] for k, v in fusion.split(fused.reshape(1, -1)).items()}
         labels = [n.category or "" for n in pool]
         weights = {b.name: b.weight for b in fusion.blocks}
@@ -484,53 +576,65 @@ class Vitrine:
     def classify_many(
         self, listings: Sequence[Listing], progress: Progress | None = None
     ) -> list[Vote]:
-        emb = self.embed(listings, progress)
-        fused = self.fuse(emb)
+        st = self.state()
+        emb = self.embed(listings, progress, state=st)
+        fused = self.fuse(emb, state=st)
         out = []
         for i, x in enumerate(listings):
             if i in emb.failed:
                 out.append(Vote(None, 0.0, True, {}, []))
             else:
-                out.append(self.vote_vector(fused[i], exclude=x.id))
+                out.append(self.vote_vector(fused[i], exclude=x.id, state=st))
         return out
-
-    def classify_indexed(self, listing_id: str) -> Vote:
-        """Vote for a listing already in the index, from its stored vector (itself excluded)."""
-        fused = self.query_vector(listing_id=listing_id)
-        return self.vote_vector(fused[0], exclude=listing_id)
 
     # --- persistence ----------------------------------------------------------------------
     def save(self, root: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write an atomic snapshot under ``root`` (see :func:`indexer.index.write_snapshot`).
 
         ``extra`` (JSON) is stored in the same snapshot, e.g. the replication log position the
-        snapshot includes, so that the two can never disagree; read it with :func:`snapshot_extra`.
+        snapshot includes, so that the two can never disagree; :meth:`load` reads it back
+        into :attr:`extra`.
         """
-        fusion, index = self._require_ready()
+        st = self.state()
 
         def write(d: Path) -> None:
             if extra is not None:
                 (d / "extra.json").write_text(json.dumps(extra))
-            index.write(d)
-            (d / "manifest.json").write_text(json.dumps(self.manifest(), indent=2))
-            (d / "meta.json").write_text(
-                json.dumps({k: asdict(v) for k, v in self.meta.items()})
-            )
+            st.view.write(d)
+            (d / "manifest.json").write_text(json.dumps(self.manifest(st.fusion), indent=2))
             with (d / "fusion.pkl").open("wb") as f:
-                pickle.dump({"fusion": fusion, "lexical": self.lexical}, f)
+                pickle.dump({"fusion": st.fusion, "lexical": st.lexical}, f)
 
-        with self._write_lock:
-            return write_snapshot(Path(root), write)
+        return write_snapshot(Path(root), write)
 
     @classmethod
     def load(
         cls, root: str | Path, settings: Settings, registry: ModelRegistry | None = None
     ) -> Vitrine:
-        """Load the current snapshot; refuse one built with other encoders than configured."""
-        snap = current_snapshot(Path(root))
-        if snap is None:
-            raise NotFound(f"no index snapshot in {root}: build one with `vitrine index`")
+        """Load the current snapshot; refuse one built with other encoders than configured.
+
+        Index, fusion and :attr:`extra` all come from the one folder ``CURRENT`` named when
+        the load began.
+        """
+        root = Path(root)
         self = cls(settings, registry)
+        for _attempt in range(3):
+            found = read_snapshot(root)
+            if found is None:
+                raise NotFound(f"no index snapshot in {root}: build one with `vitrine index`")
+            snap, extra = found
+            try:
+                self._read(snap, root)
+            except FileNotFoundError:
+                # another process published a newer snapshot and removed this one meanwhile
+                if current_snapshot(root) == snap:
+                    raise
+                continue
+            self.extra, self.snapshot = extra, snap
+            return self
+        raise NotFound(f"the snapshot in {root} kept changing while it was read")
+
+    def _read(self, snap: Path, root: Path) -> None:
         manifest = json.loads((snap / "manifest.json").read_text())
         for key, mine in (("text_model", self.text_spec), ("image_model", self.image_spec)):
             if manifest.get(key) != mine:
@@ -543,16 +647,5 @@ class Vitrine:
         # must not come from an untrusted source.
         with (snap / "fusion.pkl").open("rb") as f:
             state = pickle.load(f)
-        self.fusion, self.lexical = state["fusion"], state["lexical"]
-        self.index = VectorIndex.read(snap, self._index_config())
-        meta = json.loads((snap / "meta.json").read_text())
-        self.meta = {k: ListingMeta(**v) for k, v in meta.items()}
-        return self
-
-
-def snapshot_extra(root: str | Path) -> dict[str, Any]:
-    """The ``extra`` dict saved with the current snapshot under ``root`` ({} when none)."""
-    snap = current_snapshot(Path(root))
-    if snap is None or not (snap / "extra.json").is_file():
-        return {}
-    return dict(json.loads((snap / "extra.json").read_text()))
+        index = VectorIndex.read(snap, self._index_config())
+        self._core = _Core(state["fusion"], state["lexical"], index)

@@ -121,7 +121,23 @@ class Settings(BaseSettings):
         "claimed ones); the encoders still run in batches of batch_size.",
     )
     visibility_timeout: float = Field(
-        300.0, gt=0, description="Seconds before a task a dead worker held is redelivered."
+        300.0, gt=0, description="Seconds before a Celery message a dead worker held is "
+        "redelivered (a wake-up only: the claimed listings come back after lease_seconds)."
+    )
+    lease_seconds: float = Field(
+        120.0, gt=0, description="Seconds a consumer holds the listings it claimed; if it "
+        "dies, they are claimable again after this. Keep it above the slowest batch.",
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="Claims of one listing (each failure or dead consumer counts "
+        "one) before it ends `failed` with the reason.",
+    )
+    retry_delay: float = Field(
+        5.0, ge=0, description="Seconds before a listing whose indexing raised is retried."
+    )
+    task_time_limit: float = Field(
+        900.0, gt=0, description="Hard time limit of one ingestion task (the soft limit is "
+        "90 % of it); it includes waiting for the models to load at worker start.",
     )
     broker_timeout: float = Field(
         3.0, gt=0, description="Seconds before an unreachable broker is reported."

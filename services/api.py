@@ -36,12 +36,18 @@ from prometheus_client import (
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from indexer.catalog import make_listing, validate_id
-from indexer.errors import ImageError, IndexMismatch, InvalidInput, NotFound, VitrineError
+from indexer.errors import (
+    ImageTooLarge,
+    IndexMismatch,
+    InvalidInput,
+    NotFound,
+    VitrineError,
+)
 from indexer.images import decode_image
+from indexer.remote import check_url
+from indexer.runtime import Runtime
 from indexer.settings import Settings
-
-from .fetch import check_url
-from .runtime import BrokerUnavailable, Runtime, new_version
+from indexer.state import StoreUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,12 +70,16 @@ class ListingIn(_Strict):
 class Accepted(BaseModel):
     id: str
     status: Literal["queued"] = "queued"
+    version: int = Field(description="The version this write got: it only grows per store, "
+                         "and the latest accepted write of a listing is the one that counts")
     status_url: str
 
 
 class ListingStatus(BaseModel):
     id: str
     status: Literal["queued", "indexed", "failed"]
+    version: int = Field(0, description="Version of the write this status is about (0: a "
+                         "listing of the seeded catalog)")
     category: str | None = None
     confidence: float | None = None
     uncertain: bool | None = None
@@ -113,13 +123,15 @@ class ClassifyOut(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
+    problems: list[str] = Field(description="Why the process is degraded (empty when ok)")
     mode: Literal["embedded", "redis"]
-    broker: Literal["ok", "down", "none"]
     index_size: int
     models_loaded: bool
-    queue_depth: int | None
-    pending: int | None = Field(
-        None, description="Accepted listings without a final status yet (Redis mode)")
+    pending: int | None = Field(None, description="Accepted listings not indexed yet")
+    log_position: int = Field(description="Log entries this process's index has applied")
+    lag: int | None = Field(None, description="Log entries not applied here yet")
+    digest: str = Field(description="Digest of the (id, version) pairs this process holds: "
+                        "processes that agree have the same")
 
 
 # --- metrics -------------------------------------------------------------------------------
@@ -127,13 +139,11 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.queue_depth = Gauge("vitrine_queue_depth", "Listings waiting to be indexed",
-                                 registry=r)
         self.index_size = Gauge("vitrine_index_size", "Listings in this process's index",
                                 registry=r)
-        self.pending = Gauge("vitrine_pending_events",
-                             "Accepted listings without a final status yet (Redis mode)",
+        self.pending = Gauge("vitrine_pending_events", "Accepted listings not indexed yet",
                              registry=r)
+        self.lag = Gauge("vitrine_replica_lag", "Log entries not applied here yet", registry=r)
         self.search_latency = Histogram(
             "vitrine_search_seconds", "POST /search latency", registry=r,
             buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
@@ -149,7 +159,7 @@ class Metrics:
 # --- helpers -------------------------------------------------------------------------------
 def _b64(data: str, settings: Settings) -> bytes:
     if len(data) > settings.max_image_bytes * 4 // 3 + 8:
-        raise ImageError(f"image is larger than {settings.max_image_bytes} bytes")
+        raise ImageTooLarge(f"image is larger than {settings.max_image_bytes} bytes")
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as e:
@@ -192,10 +202,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rt = runtime or Runtime(settings)
-        if rt.mode == "redis" and rt.celery is None:
-            from workers.app import make_celery
+        if rt.mode == "redis" and rt.notify is None:
+            from .queue import celery_notifier
 
-            rt.celery = make_celery(settings)
+            rt.notify = celery_notifier(settings)
         rt.start()  # models load here, before the first request, not during one
         queries.start(rt)
         app.state.runtime = rt
@@ -219,9 +229,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         code = 422
         if isinstance(exc, NotFound):
             code = 404
-        elif isinstance(exc, ImageError) and "larger than" in str(exc):
+        elif isinstance(exc, ImageTooLarge):
             code = 413
-        elif isinstance(exc, BrokerUnavailable):
+        elif isinstance(exc, StoreUnavailable):
             code = 503
         elif isinstance(exc, IndexMismatch):
             code = 409
@@ -230,10 +240,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # a broker that went away after start-up: say so, and never show a traceback
-        name = f"{type(exc).__module__}.{type(exc).__name__}"
-        if name.startswith(("redis.", "kombu.")) or "OperationalError" in name:
-            return JSONResponse({"detail": f"the broker is unavailable: {exc}"}, 503)
+        # never show a traceback (store failures are StoreUnavailable: 503 above)
         log.exception("unhandled error on %s", request.url.path)
         return JSONResponse({"detail": "internal error"}, 500)
 
@@ -281,41 +288,45 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         payload = {
             "id": listing.id, "title": listing.title, "description": listing.description,
             "category": listing.category, "image_url": parsed.image_url,
-            "version": new_version(),
         }
-        rt.enqueue(payload, image)
+        version = rt.accept(payload, image)
         metrics.ingest_latency.observe(time.perf_counter() - t0)
         metrics.requests.labels("listings", "202").inc()
-        return Accepted(id=listing.id, status_url=str(request.url_for("get_listing",
-                                                                       listing_id=listing.id)))
+        url = request.url_for("get_listing", listing_id=listing.id)
+        return Accepted(id=listing.id, version=version, status_url=str(url))
 
     @app.get("/listings/{listing_id}", response_model=ListingStatus, name="get_listing",
              response_model_exclude_none=True)
     def get_listing(listing_id: str, rt: RuntimeDep) -> ListingStatus:
         lid = validate_id(listing_id)
-        st = rt.status.get(lid)
+        st = rt.store.status(lid)
+        if st is not None and st["status"] == "deleted":
+            raise NotFound(f"listing {lid!r} was deleted")
         if st is not None:
+            if st["status"] == "indexed":
+                # committed to the log: wait (briefly) until this process can search it too
+                rt.replica.wait_version(lid, st["version"], timeout=2)
             fields = {k: st.get(k) for k in ListingStatus.model_fields if k in st}
             return ListingStatus(id=lid, **fields)
-        meta = rt.replica.v.meta.get(lid)
+        meta = rt.replica.v.state().meta(lid)  # a listing of the seeded catalog
         if meta is None:
             raise NotFound(f"unknown listing {lid!r}")
-        info = rt.replica.info.get(lid, {})
         return ListingStatus(
             id=lid, status="indexed", category=meta.category,
-            confidence=info.get("confidence", 1.0 if meta.labelled else None),
-            uncertain=info.get("uncertain", False if meta.labelled else None),
+            confidence=1.0 if meta.labelled else None,
+            uncertain=False if meta.labelled else None,
             source="predicted" if meta.source == "predicted" else "seller",
         )
 
     @app.delete("/listings/{listing_id}", dependencies=[WriteAccess])
     def delete_listing(listing_id: str, rt: RuntimeDep) -> dict[str, Any]:
         lid = validate_id(listing_id)
-        if rt.status.get(lid) is None and lid not in rt.replica.v.meta:
+        st = rt.store.status(lid)
+        if st is None and rt.replica.v.state().meta(lid) is None:
             raise NotFound(f"unknown listing {lid!r}")
-        pos = rt.delete(lid)
-        rt.replica.wait_for(pos, timeout=5)  # read-your-writes in this process
-        return {"id": lid, "deleted": True}
+        if st is not None and st["status"] == "deleted":
+            raise NotFound(f"listing {lid!r} was already deleted")
+        return {"id": lid, "deleted": True, "version": rt.delete(lid)}
 
     # -- queries --
     @app.post("/search", response_model=SearchOut)
@@ -361,32 +372,26 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     # -- operations --
     @app.get("/health", response_model=Health)
     def health(rt: RuntimeDep) -> Health:
-        broker = "none"
-        depth: int | None = None
-        pending: int | None = None
+        problems = rt.problems()
+        pending = lag = None
         try:
-            if rt.redis is not None:
-                rt.redis.ping()
-                broker = "ok"
-            depth = rt.queue_depth()
-            pending = len(rt.ledger) if rt.ledger is not None else None
-        except Exception:
-            broker = "down"
+            pending, lag = rt.store.pending_count(), rt.replica.lag()
+        except StoreUnavailable:
+            pass  # already among the problems
         v = rt.replica.v
         have = set(rt.registry.loaded())
         loaded = all(f"{kind}:{spec}" in have
                      for kind, spec in (("text", v.text_spec), ("image", v.image_spec)) if spec)
-        return Health(status="ok" if broker != "down" else "degraded", mode=rt.mode,
-                      broker=broker, index_size=len(v), models_loaded=loaded, queue_depth=depth,
-                      pending=pending)
+        return Health(status="degraded" if problems else "ok", problems=problems,
+                      mode=rt.mode, index_size=len(v), models_loaded=loaded, pending=pending,
+                      log_position=rt.replica.pos, lag=lag, digest=rt.replica.digest())
 
     @app.get("/metrics", include_in_schema=False)
     def prom(rt: RuntimeDep) -> Response:
         try:
-            metrics.queue_depth.set(rt.queue_depth())
-            if rt.ledger is not None:
-                metrics.pending.set(len(rt.ledger))
-        except Exception:  # broker down: the gauges keep their last value
+            metrics.pending.set(rt.store.pending_count())
+            metrics.lag.set(rt.replica.lag())
+        except StoreUnavailable:  # the gauges keep their last value
             pass
         metrics.index_size.set(len(rt.replica.v))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -83,3 +83,13 @@ def built(settings, registry, small_catalog):  # type: ignore[no-untyped-def]
     v = Vitrine(settings, registry)
     v.build(small_catalog)
     return v
+
+
+@pytest.fixture(scope="session")
+def seed_dir(tmp_path_factory: pytest.TempPathFactory, settings, registry,  # type: ignore[no-untyped-def]
+             small_catalog) -> Path:
+    """A read-only data dir with a 70-listing index; tests copy it with ``copy_seed``."""
+    from tests.services.helpers import build_seed, seed_listings
+
+    return build_seed(tmp_path_factory.mktemp("seed"), settings, registry,
+                      seed_listings(small_catalog))

@@ -8,7 +8,8 @@ from PIL import Image
 
 from indexer.catalog import Listing
 from indexer.errors import ImageError, IndexMismatch, InvalidInput, NotFound
-from indexer.pipeline import Vitrine
+from indexer.index import current_snapshot
+from indexer.pipeline import ListingMeta, Vitrine
 
 from ..conftest import offline_settings
 
@@ -95,7 +96,7 @@ def test_upsert_replaces_delete_removes_save_load(tmp_path, settings, registry, 
     v.build(small_catalog[:40])
     x = small_catalog[0]
     v.upsert([Listing(x.id, "Cotton bath towel", category="Home Furnishing")])
-    assert len(v) == 40 and v.meta[x.id].title == "Cotton bath towel"
+    assert len(v) == 40 and v.state().meta(x.id).title == "Cotton bath towel"
     assert v.delete([small_catalog[1].id]) == 1 and len(v) == 39
     v.save(tmp_path)
     back = Vitrine.load(tmp_path, settings, registry)
@@ -113,7 +114,7 @@ def test_predicted_labels_do_not_vote(settings, registry, small_catalog):
     v = Vitrine(settings, registry)
     v.build(small_catalog[:20])
     v.upsert([Listing("u1", "Analog watch for men")])  # no category: predicted, not a voter
-    assert not v.meta["u1"].labelled
+    assert not v.state().meta("u1").labelled
     vote = v.classify(Listing("q", "Analog watch for boys"))
     assert "u1" not in {n.id for n in vote.neighbours}
     np.testing.assert_equal(len(v), 21)
@@ -136,3 +137,60 @@ def test_parallel_lanes_embed_like_one_lane(settings, registry, small_catalog):
         assert (a.present[key] == b.present[key]).all()
     assert a.failed == b.failed == {23}
     assert a.problems == b.problems and "no text either" in b.problems[23]
+
+
+@pytest.fixture()
+def copy_of_built(built, tmp_path, settings, registry):
+    """A writable copy of ``built`` (through a snapshot: no embedding)."""
+    built.save(tmp_path / "built")
+    return Vitrine.load(tmp_path / "built", settings, registry)
+
+
+def test_a_state_taken_before_writes_answers_as_before(copy_of_built, held_out):
+    v = copy_of_built
+    watch = next(x for x in held_out if x.category == "Watches")
+    st = v.state()
+    fused = v.query_vector(text=watch.title, state=st)[0]
+    hits = v.search_vector(fused, 5, state=st)
+    vote = v.vote_vector(fused, state=st)
+    v.apply([(hits[1].id, fused, ListingMeta("moved", "Kitchen & Dining"))], [hits[0].id])
+    assert v.search_vector(fused, 5, state=st) == hits
+    assert v.vote_vector(fused, state=st) == vote
+    now = v.search_vector(fused, 5)
+    assert hits[0].id not in {n.id for n in now}
+    assert now[0].id == hits[1].id and now[0].title == "moved"
+    assert st.meta(hits[1].id).title != "moved" and v.state().meta(hits[1].id).title == "moved"
+
+
+def test_votes_ignore_a_flood_of_unlabelled_listings(copy_of_built, held_out):
+    """19 unlabelled near-copies per labelled listing: the vote and its pool do not move."""
+    v = copy_of_built
+    queries = held_out[::7]
+    before = v.classify_many(queries)
+    st = v.state()
+    ids = st.view.ids()
+    x = st.view.get(ids)
+    rng = np.random.default_rng(0)
+    flood = [
+        (f"{lid}~{j}", x[i] + 0.01 * rng.normal(size=x.shape[1]).astype(np.float32),
+         ListingMeta("near copy", "Watches", "predicted"))
+        for i, lid in enumerate(ids) for j in range(19)
+    ]
+    v.apply(flood)
+    assert len(v) == 20 * len(ids)
+    after = v.classify_many(queries)
+    assert [a.category for a in after] == [b.category for b in before]
+    assert [[n.id for n in a.neighbours] for a in after] == [
+        [n.id for n in b.neighbours] for b in before]
+    # plain search does see them, and a category filter includes predicted categories
+    some = v.search(text="analog watch", k=20, category="Watches")
+    assert any("~" in h.id for h in some)
+
+
+def test_load_reads_extra_from_the_snapshot_it_loads(copy_of_built, tmp_path, settings,
+                                                     registry):
+    copy_of_built.save(tmp_path / "a", {"log_pos": 7})
+    back = Vitrine.load(tmp_path / "a", settings, registry)
+    assert back.extra == {"log_pos": 7} and back.snapshot == current_snapshot(tmp_path / "a")
+    copy_of_built.save(tmp_path / "a")
+    assert Vitrine.load(tmp_path / "a", settings, registry).extra == {}

@@ -30,7 +30,7 @@ def build_seed(root: Path, settings: Any, registry: Any, listings: list) -> Path
 
     v = Vitrine(settings, registry)
     v.build(listings)
-    v.save(root / "index", {"log_pos": "0-0", "info": {}})
+    v.save(root / "index", {"log_pos": 0, "versions": {}})
     return root
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from indexer.runtime import Runtime
+from indexer.state.sqlite_store import SqliteStore
 from services.api import create_app
-from services.runtime import Runtime
 
 from .helpers import b64, bomb_png, copy_seed, png, wait_until
 
@@ -77,8 +78,9 @@ def test_resubmitting_an_id_replaces_it(api) -> None:  # type: ignore[no-untyped
     for title in ("Ceramic coffee mug", "Ceramic coffee mug, blue"):
         assert client.post("/listings", json={"id": "dup-1", "title": title}).status_code == 202
         _indexed(client, "dup-1")
-    assert rt.replica.v.index.ids().count("dup-1") == 1
-    assert rt.replica.v.meta["dup-1"].title == "Ceramic coffee mug, blue"
+    state = rt.replica.v.state()
+    assert state.view.ids().count("dup-1") == 1
+    assert state.meta("dup-1").title == "Ceramic coffee mug, blue"
 
 
 def test_classify_does_not_index(api) -> None:  # type: ignore[no-untyped-def]
@@ -139,7 +141,7 @@ def test_bad_listing_is_refused_clearly(api, body, code, needle) -> None:  # typ
     detail = r.json()["detail"]
     assert isinstance(detail, str) and needle.lower() in detail.lower()
     assert "Traceback" not in r.text
-    assert rt.status.get("x") is None  # nothing was accepted
+    assert rt.store.status("x") is None  # nothing was accepted
 
 
 def test_bad_requests(api) -> None:  # type: ignore[no-untyped-def]
@@ -188,11 +190,13 @@ def test_body_size_limit_and_api_key(tmp_path, settings, registry, seed_dir) -> 
 def test_health_metrics_openapi(api) -> None:  # type: ignore[no-untyped-def]
     client, rt = api
     h = client.get("/health").json()
-    assert h["mode"] == "embedded" and h["broker"] == "none" and h["models_loaded"]
-    assert h["index_size"] == len(rt.replica.v)
+    assert h["status"] == "ok" and h["problems"] == [], h
+    assert h["mode"] == "embedded" and h["models_loaded"] and h["lag"] == 0
+    assert h["index_size"] == len(rt.replica.v) and h["digest"] == rt.replica.digest()
     client.post("/search", json={"text": "shoes"})
     m = client.get("/metrics").text
-    for name in ("vitrine_queue_depth", "vitrine_search_seconds_bucket", "vitrine_requests",
+    for name in ("vitrine_pending_events", "vitrine_replica_lag",
+                 "vitrine_search_seconds_bucket", "vitrine_requests",
                  "vitrine_ingest_accept_seconds"):
         assert name in m
     spec = client.get("/openapi.json").json()
@@ -211,18 +215,45 @@ def test_restart_keeps_everything(tmp_path, settings, registry, seed_dir) -> Non
             _indexed(client, f"r{i}")
         client.delete("/listings/r1")
         n = len(rt.replica.v)
-    # a crash: accepted but not processed (inbox file), no snapshot since the last writes
-    (data / "inbox" / "late.json").write_text(
-        '{"id": "late-1", "title": "Glass water bottle", "description": "", "category": null, '
-        '"image_url": null, "version": "v-late"}')
-    rt_status = rt.status
-    rt_status.set("late-1", {"status": "queued", "version": "v-late"})
+    # a crash after the 202 of a listing, before any consumer took it: only the store has it
+    store = SqliteStore.open(data)
+    late = store.accept({"id": "late-1", "title": "Glass water bottle"}, None)
+    store.close()
     client2, rt2 = _client(settings, registry, data)
     with client2:
         t0 = time.monotonic()
-        assert {"r0", "r2"} <= set(rt2.replica.v.index.ids())
-        assert "r1" not in rt2.replica.v
-        assert _indexed(client2, "late-1")["status"] == "indexed"
+        ids = rt2.replica.v.state().view.ids()
+        assert {"r0", "r2"} <= set(ids) and "r1" not in ids
+        st = _indexed(client2, "late-1")
+        assert st["status"] == "indexed" and rt2.store.status("late-1")["version"] == late
         assert len(rt2.replica.v) == n + 1
         assert client2.get("/listings/r0").json()["status"] == "indexed"
+        assert client2.get("/listings/r1").status_code == 404
         assert time.monotonic() - t0 < 30
+
+
+def test_a_second_server_on_the_same_data_dir_exits_at_once(tmp_path, seed_dir) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from tests.workers.helpers import worker_env
+
+    data = copy_seed(seed_dir, tmp_path / "d")
+    env = worker_env("unused", data)
+    env.pop("VITRINE_BROKER_URL")
+    first = subprocess.Popen([sys.executable, "-m", "vitrine.cli", "serve", "--port", "0"],
+                             cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: (data / "LOCK").exists() and (data / "LOCK").read_text().strip(),
+                   60)
+        t0 = time.monotonic()
+        second = subprocess.run([sys.executable, "-m", "vitrine.cli", "serve", "--port", "0"],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2, second.stderr
+        assert "already" in second.stderr and str(data) in second.stderr, second.stderr
+        assert time.monotonic() - t0 < 30
+        assert first.poll() is None  # the first one is unharmed
+    finally:
+        first.terminate()
+        first.wait(30)

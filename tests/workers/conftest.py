@@ -8,17 +8,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.services.helpers import build_seed, copy_seed, seed_listings
+from tests.services.helpers import copy_seed
 
 from .helpers import REDIS
-
-
-@pytest.fixture(scope="session")
-def seed_dir(tmp_path_factory: pytest.TempPathFactory, settings, registry,  # type: ignore[no-untyped-def]
-             small_catalog) -> Path:
-    """A read-only data dir with a 70-listing index; tests copy it with ``copy_seed``."""
-    return build_seed(tmp_path_factory.mktemp("seed"), settings, registry,
-                      seed_listings(small_catalog))
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,19 @@ def worker_env(prefix: str, data_dir: Path, **extra: str) -> dict[str, str]:
         "VITRINE_DATA_DIR": str(data_dir),
         "VITRINE_TORCH_THREADS": "1",
         "VITRINE_VISIBILITY_TIMEOUT": "4",
+        "VITRINE_LEASE_SECONDS": "6",
         "PYTHONUNBUFFERED": "1",
     })
     env.update(extra)
     return env
+
+
+def inject(tmp: Path, code: str) -> dict[str, str]:
+    """Environment that runs ``code`` at start-up of a Python subprocess (``sitecustomize``):
+    how a test wraps product code inside a real worker without a flag in the product."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "sitecustomize.py").write_text(code)
+    return {"PYTHONPATH": os.pathsep.join([str(tmp), str(ROOT)])}
 
 
 class Worker:

@@ -57,12 +57,48 @@ def register(sub: argparse._SubParsersAction, bench_sub: object = None) -> None:
         p.add_argument("--size", type=int, default=100_000,
                        help="index size for the search latency (synthetic vectors added)")
         p.add_argument("--queries", type=int, default=500, help="queries per kind")
-        p.add_argument("--visibility-timeout", type=float, default=60.0,
+        p.add_argument("--lease-seconds", type=float, default=60.0,
                        help="of the bench's workers: a killed worker's batch comes back after it")
+        p.add_argument("--visibility-timeout", type=float, default=60.0,
+                       help="of the bench's workers: a killed worker's wake-up message comes "
+                            "back after it")
         p.add_argument("--out", type=Path, help="also write the JSON here")
         p.add_argument("--logs", type=Path, help="keep the API's and workers' logs here")
         add_model_flags(p)
         p.set_defaults(func=cmd_bench_service)
+
+        p = bench_sub.add_parser(  # type: ignore[attr-defined]
+            "chaos",
+            help="2 APIs + 2 workers under a mixed HTTP load, one process killed with "
+                 "SIGKILL per cycle: lost / stale / resurrected writes, recovery times",
+        )
+        p.add_argument("--cycles", type=int, default=10, help="kills, one per cycle (default 10)")
+        p.add_argument("--data", type=Path, required=True, help="folder with the Flipkart CSV")
+        p.add_argument("--broker", default=None,
+                       help="Redis URL (default: VITRINE_BROKER_URL, else "
+                            "redis://127.0.0.1:6379/0); keys live under a fresh prefix and "
+                            "are deleted afterwards")
+        p.add_argument("--seed-per-category", type=int, default=10,
+                       help="catalog listings per category in the seeded index (default 10)")
+        p.add_argument("--clients", type=int, default=3, help="load threads (default 3)")
+        p.add_argument("--cycle-seconds", type=float, default=8.0,
+                       help="a cycle's kill comes at a random moment within this many seconds")
+        p.add_argument("--lease-seconds", type=float, default=5.0,
+                       help="of the workers: a killed worker's claimed listings come back "
+                            "after it (default 5)")
+        p.add_argument("--max-attempts", type=int, default=10,
+                       help="of the workers: claims before a listing ends failed (default 10, "
+                            "so that kills do not dead-letter)")
+        p.add_argument("--photo-share", type=float, default=0.3,
+                       help="share of posts that carry a photo (default 0.3)")
+        p.add_argument("--random-seed", type=int, help="for the load and the kills")
+        p.add_argument("--agree-timeout", type=float, default=600.0,
+                       help="seconds for pending 0 and equal digests after the load")
+        p.add_argument("--json", action="store_true", help="JSON only on stdout (default too)")
+        p.add_argument("--out", type=Path, help="also write the JSON here")
+        p.add_argument("--logs", type=Path, help="keep the APIs' and workers' logs here")
+        add_model_flags(p)
+        p.set_defaults(func=cmd_bench_chaos)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -70,20 +106,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from indexer.encoders.registry import ModelRegistry
     from indexer.errors import VitrineError
+    from indexer.runtime import Runtime, seed
+    from indexer.state import open_store
     from services.api import create_app
-    from services.runtime import Runtime, seed
 
     settings = settings_from_args(args)
     if settings.environment == "production" and not settings.api_key:
         raise VitrineError("VITRINE_ENVIRONMENT=production needs VITRINE_API_KEY for the write "
                            "endpoints")
+    # fails fast, with a clear message, if the broker is down or another process owns the
+    # data dir
+    store = open_store(settings)
     registry = ModelRegistry(settings)  # one load of each model for the seeding and serving
-    if args.catalog:
-        print(seed(settings, args.catalog, args.images, registry), file=sys.stderr)
-    # fails fast, with a clear message, if the broker is down
-    runtime = Runtime(settings, registry)
+    try:
+        if args.catalog:
+            print(seed(settings, store, args.catalog, args.images, registry), file=sys.stderr)
+        runtime = Runtime(settings, registry, store)
+    except BaseException:
+        store.close()
+        raise
+    mode = "redis" if settings.broker_url else "embedded"
     base = f"http://{args.host}:{args.port}"
-    print(f"vitrine: serving on {base} ({runtime.mode} mode, state in {settings.data_dir}); "
+    print(f"vitrine: serving on {base} ({mode} mode, state in {settings.data_dir}); "
           f"API docs at {base}/docs. Try:\n"
           f"  curl -s {base}/search -H 'content-type: application/json' "
           "-d '{\"text\": \"analog wrist watch for men\", \"k\": 5}'", file=sys.stderr)
@@ -97,7 +141,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from indexer.errors import VitrineError
-    from services.runtime import connect_redis
+    from indexer.runtime import queue_name
+    from indexer.state import open_store
     from workers.app import create_app
 
     settings = settings_from_args(args, worker_concurrency=args.concurrency)
@@ -106,12 +151,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
             "`vitrine worker` needs VITRINE_BROKER_URL=redis://...; without a broker, "
             "`vitrine serve` indexes in-process"
         )
-    connect_redis(settings)  # a clear error now rather than Celery's retry loop
+    open_store(settings).close()  # a clear error now rather than Celery's retry loop
     app = create_app(settings)
     app.worker_main([
         "worker", "--loglevel=INFO", f"--pool={args.pool}",
         f"--concurrency={settings.worker_concurrency}",
-        f"--queues={settings.redis_prefix}.ingest",
+        f"--queues={queue_name(settings)}",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
         f"--hostname={settings.redis_prefix}-worker-{os.getpid()}@%h",
     ])
@@ -122,7 +167,7 @@ def cmd_bench_service(args: argparse.Namespace) -> int:
     import json
     import tempfile
 
-    from services.bench import run_service_bench
+    from evaluation.bench_service import run_service_bench
 
     from .common import print_json
 
@@ -133,9 +178,35 @@ def cmd_bench_service(args: argparse.Namespace) -> int:
             settings, args.data, broker_url=broker, n_ingest=args.ingest, n_kill9=args.kill9,
             size=args.size, queries=args.queries, seed_size=args.seed,
             workers=tuple(w.strip() for w in args.workers.split(",") if w.strip()),
-            visibility_timeout=args.visibility_timeout, logs=args.logs,
+            visibility_timeout=args.visibility_timeout, lease_seconds=args.lease_seconds,
+            logs=args.logs,
         )
     print_json(result)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2, default=float))
     return 0
+
+
+def cmd_bench_chaos(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+
+    from evaluation.bench_chaos import run_chaos_bench
+
+    from .common import print_json
+
+    with tempfile.TemporaryDirectory(prefix="vitrine-chaos-") as tmp:
+        settings = settings_from_args(args, data_dir=Path(tmp))
+        broker = args.broker or settings.broker_url or "redis://127.0.0.1:6379/0"
+        result = run_chaos_bench(
+            settings, args.data, broker_url=broker, cycles=args.cycles,
+            seed_per_category=args.seed_per_category, clients=args.clients,
+            cycle_s=args.cycle_seconds, lease_seconds=args.lease_seconds,
+            max_attempts=args.max_attempts, photo_share=args.photo_share,
+            agree_timeout=args.agree_timeout, random_seed=args.random_seed, logs=args.logs,
+        )
+    print_json(result)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2, default=float))
+    # non-zero when a write was lost, served stale or resurrected
+    return 1 if result["lost"] or result["stale"] or result["resurrected"] else 0

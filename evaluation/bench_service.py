@@ -2,7 +2,9 @@
 
 Everything runs as in production: a Redis broker, the API as a ``vitrine serve`` subprocess
 and ``vitrine worker`` subprocesses; the bench process is the HTTP client (stdlib
-``http.client``, one keep-alive connection) and measures.
+``http.client``, one keep-alive connection) and measures. It reads the state only through
+public interfaces: statuses and the log through :class:`~indexer.state.redis_store.RedisStore`,
+the index through a :class:`~indexer.replica.Replica` of its own.
 
 * **ingest**: bare encoder throughput (``Vitrine.embed`` over the whole set, the batch pipeline
   of ``vitrine index``/``predict``, torch on every core) measured right before *and* right
@@ -12,9 +14,11 @@ and ``vitrine worker`` subprocesses; the bench process is the HTTP client (stdli
   replicas. ``ratio`` = end to end / mean of the two bare runs. One entry per worker layout
   (``--workers 2x1,1x2``: processes x torch threads each).
 * **kill9**: listings posted, the worker killed with ``kill -9`` (its whole process group)
-  while it holds a batch, a new worker started; ``lost`` counts listings not indexed and
-  searchable within the visibility timeout plus two minutes, ``redone`` the listings whose
-  upsert the log holds more than once (a redelivered batch redoing work, harmless).
+  while it holds a batch (events claimed, i.e. leased in the state store, not committed), a
+  new worker started; ``lost`` counts listings whose status is not ``indexed`` at the version
+  their ``POST`` answered, or that ``POST /search`` does not find, within the lease plus two
+  minutes; ``redone`` the listings whose upsert the log holds more than once (an expired
+  lease redoing work, harmless: the second commit changes nothing, so it stays 0).
 * **search**: the index grown to ``size`` (real vectors plus synthetic neighbours of them),
   snapshotted, the API restarted on it; ``POST /search`` latency over HTTP by ``listing_id``
   (index search + HTTP), by ``text`` (plus a MiniLM forward pass) and by photo (plus decoding
@@ -44,6 +48,7 @@ import numpy as np
 
 from indexer.settings import Settings
 
+ROOT = Path(__file__).resolve().parents[1]
 LATENCY_TARGET_P99_MS = 20.0
 RATIO_TARGET = 0.8
 
@@ -93,27 +98,38 @@ class Proc:
 
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
-        self.p = subprocess.Popen([sys.executable, "-m", "vitrine.cli", *args], env=env,
-                                  stdout=log.open("ab"), stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        with log.open("ab") as out:  # the child keeps its own copy of the descriptor
+            self.p = subprocess.Popen([sys.executable, "-m", "vitrine.cli", *args], env=env,
+                                      stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                      start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
 
     def alive(self) -> bool:
         return self.p.poll() is None
 
-    def kill9(self) -> None:
+    def _killpg(self, sig: int) -> None:
         try:
-            os.killpg(self.p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            os.killpg(self.p.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass  # the whole group is gone already
+
+    def kill9(self) -> None:
+        self._killpg(signal.SIGKILL)
         self.p.wait(timeout=30)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``; the group's strays (an orphaned prefork
+        child) are killed either way."""
         if self.p.poll() is None:
-            os.killpg(self.p.pid, signal.SIGTERM)
+            self._killpg(signal.SIGTERM)
             try:
-                self.p.wait(timeout=60)
+                self.p.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                self.kill9()
+                pass
+        self.kill9()
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:] if self.log.is_file() else ""
@@ -137,17 +153,16 @@ def _wait(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.0
 def run_service_bench(settings: Settings, data: Path, *, broker_url: str, n_ingest: int = 800,
                       n_kill9: int = 64, size: int = 100_000, queries: int = 500,
                       workers: tuple[str, ...] = ("2x1",), seed_size: int = 0,
-                      visibility_timeout: float = 60.0, logs: Path | None = None
-                      ) -> dict[str, Any]:
+                      visibility_timeout: float = 60.0, lease_seconds: float = 60.0,
+                      logs: Path | None = None) -> dict[str, Any]:
     import logging
-
-    import redis
 
     from indexer.catalog import Listing, read_listings
     from indexer.encoders.base import configure_torch
-
-    from .replication import RedisLog, Replica
-    from .runtime import seed
+    from indexer.encoders.registry import ModelRegistry
+    from indexer.replica import Replica
+    from indexer.runtime import seed
+    from indexer.state.redis_store import RedisStore
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     csv = next(Path(data).glob("*.csv"))
@@ -167,9 +182,10 @@ def run_service_bench(settings: Settings, data: Path, *, broker_url: str, n_inge
     logs.mkdir(parents=True, exist_ok=True)
     s = settings.model_copy(update={"broker_url": broker_url, "redis_prefix": prefix,
                                     "data_dir": data_dir,
-                                    "visibility_timeout": visibility_timeout})
-    r = redis.Redis.from_url(broker_url)
-    r.ping()
+                                    "visibility_timeout": visibility_timeout,
+                                    "lease_seconds": lease_seconds})
+    store = RedisStore.connect(broker_url, prefix, timeout=s.broker_timeout)
+    registry = ModelRegistry(s)
     out: dict[str, Any] = {
         "machine": {"cpus": cores, "loadavg_start": list(os.getloadavg())},
         "models": {"text": s.text_model, "image": s.image_model},
@@ -186,7 +202,8 @@ def run_service_bench(settings: Settings, data: Path, *, broker_url: str, n_inge
             "VITRINE_BROKER_URL": broker_url, "VITRINE_REDIS_PREFIX": prefix,
             "VITRINE_DATA_DIR": str(data_dir), "VITRINE_BATCH_SIZE": str(s.batch_size),
             "VITRINE_WORKER_BATCH": str(s.worker_batch),
-            "VITRINE_VISIBILITY_TIMEOUT": str(visibility_timeout), "PYTHONUNBUFFERED": "1",
+            "VITRINE_VISIBILITY_TIMEOUT": str(visibility_timeout),
+            "VITRINE_LEASE_SECONDS": str(lease_seconds), "PYTHONUNBUFFERED": "1",
             # no snapshot (and log trim) in the middle: the log is read back at the end
             "VITRINE_SNAPSHOT_INTERVAL": "36000", "VITRINE_SNAPSHOT_EVERY": "100000000",
         })
@@ -217,12 +234,16 @@ def run_service_bench(settings: Settings, data: Path, *, broker_url: str, n_inge
         procs.append(w)
         return w
 
-    status_key = f"{prefix}:status"
-
     def statuses(ids: list[str]) -> list[dict[str, Any] | None]:
-        return [json.loads(v) if v else None for v in r.hmget(status_key, ids)]
+        return store.statuses(ids)
 
+    # the version each POST answered: a status counts only once it is about that write
+    versions: dict[str, int] = {}
     finished: set[str] = set()
+
+    def final(lid: str, st: dict[str, Any] | None, *kinds: str) -> bool:
+        return (st is not None and st.get("status") in (kinds or ("indexed", "failed"))
+                and st.get("version") == versions.get(lid))
 
     def all_done(ids: list[str]) -> bool:
         # polled every 20 ms while the workers run: ask only for the ids not yet done, so
@@ -230,7 +251,7 @@ def run_service_bench(settings: Settings, data: Path, *, broker_url: str, n_inge
         left = [i for i in ids if i not in finished]
         if left:
             finished.update(i for i, st in zip(left, statuses(left), strict=True)
-                            if st is not None and st.get("status") in ("indexed", "failed"))
+                            if final(i, st))
         return all(i in finished for i in ids)
 
     def body_of(x: Listing, lid: str) -> bytes:
@@ -247,6 +268,8 @@ def run_service_bench(settings: Settings, data: Path, *, broker_url: str, n_inge
             code, resp = http_.request("POST", "/listings", b)
             if code != 202:
                 raise RuntimeError(f"POST /listings answered {code}: {resp[:300]!r}")
+            got = json.loads(resp)
+            versions[got["id"]] = int(got["version"])
 
     try:
         # --- seed the shared index (the catalog minus the listings ingested below) -----------
@@ -261,11 +284,10 @@ def run_service_bench(settings: Settings, data: Path, *, broker_url: str, n_inge
                 if (row.get("uniq_id") or "").strip() in keep:
                     writer.writerow(row)
         t0 = time.perf_counter()
-        seed(s, seed_csv, csv.parent / "images")
+        seed(s, store, seed_csv, csv.parent / "images", registry)
         out["seed_seconds"] = round(time.perf_counter() - t0, 1)
-        # the bench's own replica: bare encoders (same models), log counts, index growth
-        oplog = RedisLog(r, prefix)
-        replica = Replica.open(s, oplog)
+        # the bench's own replica: bare encoders (same models), index growth
+        replica = Replica.open(s, store, registry)
         v = replica.v
         v.load_models()
         seed_index_size = len(v)
@@ -355,23 +377,32 @@ def run_service_bench(settings: Settings, data: Path, *, broker_url: str, n_inge
             post_all(http_, [body_of(x, lid) for x, lid in zip(seed_part, warm, strict=False)])
             _wait(lambda: all_done(warm), 600, "the worker did not start", procs=(w, api))
             ids = [f"{x.id}.k9" for x in kill_part]
-            unacked = f"{prefix}:kombu:unacked"
             post_all(http_, [body_of(x, lid) for x, lid in zip(kill_part, ids, strict=True)])
 
+            def leased() -> int:
+                # claimed by a live round and not committed: pending, claimable only later
+                # (a release for a retry would read the same; none happens in this run)
+                n = 0
+                for lid, st in zip(ids, statuses(ids), strict=True):
+                    if not final(lid, st):
+                        wait = store.is_pending(lid, versions[lid])
+                        n += wait is not None and wait > 0
+                return n
+
             def mid_batch() -> bool:
-                sts = statuses(ids)
-                done = sum(st is not None and st.get("status") == "indexed" for st in sts)
-                return done == len(ids) or (done >= 1 and int(r.hlen(unacked)) >= 2)
+                done = sum(final(lid, st, "indexed")
+                           for lid, st in zip(ids, statuses(ids), strict=True))
+                return done == len(ids) or (done >= 1 and leased() >= 2)
 
             _wait(mid_batch, 600, "kill -9: waiting for a batch in flight", every=0.005,
                   procs=(w, api))
             w.kill9()
-            held = int(r.hlen(unacked))
-            done_at_kill = sum(st is not None and st.get("status") == "indexed"
-                               for st in statuses(ids))
+            held = leased()
+            done_at_kill = sum(final(lid, st, "indexed")
+                               for lid, st in zip(ids, statuses(ids), strict=True))
             t_kill = time.perf_counter()
             w2 = start_worker(layout, "kill9-b")
-            deadline = visibility_timeout + 120
+            deadline = lease_seconds + 120
             try:
                 _wait(lambda: all_done(ids), deadline, "kill -9 recovery", every=0.1,
                       procs=(w2, api))
@@ -382,15 +413,15 @@ def run_service_bench(settings: Settings, data: Path, *, broker_url: str, n_inge
             lost = 0
             for lid, st in zip(ids, statuses(ids), strict=True):
                 code, _ = http_.post("/search", {"listing_id": lid, "k": 1})
-                lost += not (st is not None and st.get("status") == "indexed" and code == 200)
+                lost += not (final(lid, st, "indexed") and code == 200)
             wanted = set(ids)
             ups: Counter[str] = Counter(
-                e["id"] for _, e in oplog.read("0-0", count=100_000_000)
+                e["id"] for e in _log_entries(store)
                 if e.get("op") == "upsert" and e["id"] in wanted)
             code, body = http_.request("GET", "/health")
             out["kill9"] = {
                 "listings": len(ids), "workers": layout.lower(),
-                "indexed_before_kill": done_at_kill, "unacknowledged_at_kill": held,
+                "indexed_before_kill": done_at_kill, "leased_at_kill": held,
                 "landed_mid_run": done_at_kill < len(ids) and held >= 2,
                 "lost": lost,
                 # every listing once: the API's index holds exactly the seed + what was posted
@@ -398,13 +429,14 @@ def run_service_bench(settings: Settings, data: Path, *, broker_url: str, n_inge
                 "expected_index_size": seed_index_size + len(posted),
                 "redone": sum(c > 1 for c in ups.values()),
                 "recovered_in_s": round(recovered, 1),
+                "lease_seconds": lease_seconds,
                 "visibility_timeout_s": visibility_timeout,
             }
 
         # --- search latency at `size` --------------------------------------------------------
         api.stop()  # it snapshots on the way out
         http_.close()
-        replica = Replica.open(s, oplog, v.registry)
+        replica = Replica.open(s, store, registry)
         v = replica.v
         real_ids = [i for i in v.index.ids() if not i.startswith("warm-")]
         _grow(v, size)
@@ -417,10 +449,36 @@ def run_service_bench(settings: Settings, data: Path, *, broker_url: str, n_inge
     finally:
         for p in procs:
             p.stop()
-        for key in r.scan_iter(f"{prefix}*", count=1000):
-            r.delete(key)
+        store.close()
+        delete_prefix(broker_url, prefix)
     out["machine"]["loadavg_end"] = list(os.getloadavg())
     return out
+
+
+def _log_entries(store: Any) -> list[dict[str, Any]]:
+    """Every entry the log still holds, in order (``RedisStore.read``, page by page)."""
+    out: list[dict[str, Any]] = []
+    pos = 0
+    while batch := store.read(pos, count=1000):
+        out += [e for _, e in batch]
+        pos = batch[-1][0]
+    return out
+
+
+def delete_prefix(broker_url: str, prefix: str) -> int:
+    """Delete every Redis key under ``prefix:`` (the store's and Celery's). Returns how many."""
+    import redis
+
+    r = redis.Redis.from_url(broker_url)
+    try:
+        n = 0
+        for key in r.scan_iter(f"{prefix}:*", count=1000):
+            n += int(r.delete(key))
+        for key in r.scan_iter(f"{prefix}.*", count=1000):  # the Celery queue, if unprefixed
+            n += int(r.delete(key))
+        return n
+    finally:
+        r.close()
 
 
 class BareLayout:
@@ -501,19 +559,15 @@ def _grow(v: Any, size: int) -> None:
         n = min(20_000, extra - start)
         base = real[rng.integers(0, len(real), n)]
         vecs = (base + rng.normal(0, 0.05, base.shape)).astype(np.float32)
-        ids = [f"syn-{start + i}" for i in range(n)]
-        with v._write_lock:
-            v.index.upsert(ids, vecs)
-            for i in ids:
-                v.meta[i] = ListingMeta(i, None, "predicted")
+        v.apply([(f"syn-{start + i}", vecs[i], ListingMeta(f"syn-{start + i}", None,
+                                                           "predicted"))
+                 for i in range(n)])
     # as a restart would find it: the right kind for the size, trained at this size
     v.index.compact()
 
 
 def _search_latency(v: Any, http_: Http, real_ids: list[str], listings: list[Any],
                     queries: int) -> dict[str, Any]:
-    import faiss
-
     from indexer.encoders.base import configure_torch
     from indexer.index import configure_faiss, ivf_nlist
 
@@ -523,7 +577,8 @@ def _search_latency(v: Any, http_: Http, real_ids: list[str], listings: list[Any
         "real_listings": len(real_ids),
     }
     if index.kind == "ivf_sq8":
-        res["ivf"] = {"nlist": int(faiss.extract_index_ivf(index._index).nlist),
+        factory = str(index.state()["factory"])  # "IVF<nlist>,SQ8"
+        res["ivf"] = {"nlist": int(factory.split(",")[0].removeprefix("IVF")),
                       "expected_nlist": ivf_nlist(len(v)), "nprobe": v.settings.nprobe}
     photos = [x for x in listings if isinstance(x.image, str | Path) and Path(x.image).is_file()]
     kinds: list[tuple[str, Callable[[int], dict[str, Any]], int]] = [

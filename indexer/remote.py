@@ -8,7 +8,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from indexer.errors import ImageError, InvalidInput
+from .errors import ImageError, ImageTooLarge, InvalidInput
 
 MAX_REDIRECTS = 3
 
@@ -51,12 +51,12 @@ def fetch_image(url: str, *, max_bytes: int, timeout: float, allow_private: bool
                         raise ImageError(f"image_url answered HTTP {r.status_code}")
                     size = int(r.headers.get("content-length") or 0)
                     if size > max_bytes:
-                        raise ImageError(f"image_url is larger than {max_bytes} bytes")
+                        raise ImageTooLarge(f"image_url is larger than {max_bytes} bytes")
                     buf = bytearray()
                     for chunk in r.iter_bytes():
                         buf += chunk
                         if len(buf) > max_bytes:
-                            raise ImageError(f"image_url is larger than {max_bytes} bytes")
+                            raise ImageTooLarge(f"image_url is larger than {max_bytes} bytes")
                     return bytes(buf)
             except httpx.HTTPError as e:
                 raise ImageError(f"cannot fetch image_url: {type(e).__name__}: {e}") from e

@@ -1,0 +1,177 @@
+"""The one "ingest a listing" use case: claimed events in, committed outcomes out.
+
+The Celery task, the embedded consumer thread and the benchmarks call :meth:`Ingestor.run`;
+nothing else turns an accepted listing into an index entry. One round:
+
+1. **claim** up to ``limit`` pending events from the store (each claim counts an attempt;
+   an event past ``max_attempts`` ends ``failed`` there, with the reason: a dead letter);
+2. **decide** (:func:`decide`): photos (from the store, or the seller's URL), validation,
+   one embedding batch, fusion, a vote among the labelled neighbours of the replica's
+   current state -> one :class:`~indexer.state.Outcome` per event, with an upsert log entry
+   when the listing is indexed;
+3. **commit** the outcomes conditionally: an outcome whose version is no longer the
+   listing's latest (a re-post or a delete came in meanwhile) changes nothing.
+
+A round that raises is retried event by event; an event that raises alone goes back to the
+store with a delay (its attempt counted), so a poison listing ends ``failed`` after
+``max_attempts`` instead of looping, and never sinks the others. A store failure
+(:class:`~indexer.state.StoreUnavailable`) propagates: the leases expire and the events come
+back by themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from .catalog import make_listing
+from .errors import ImageError, VitrineError
+from .pipeline import Vitrine
+from .settings import Settings
+from .state import Event, Outcome, StateStore, StoreUnavailable
+
+log = logging.getLogger(__name__)
+FetchPhoto = Callable[[str], bytes]  # image_url -> bytes, raising ImageError
+
+
+@dataclass
+class Round:
+    """What one :meth:`Ingestor.run` did: outcomes committed, and events given back."""
+
+    committed: list[Outcome]
+    released: int = 0
+    claimed: int = 0
+
+
+def decide(vitrine: Vitrine, events: Sequence[Event], photos: Sequence[bytes | None],
+           warnings: Sequence[str | None], batch: str) -> list[Outcome]:
+    """Outcomes of ``events`` against ``vitrine``'s current state (no store, no I/O)."""
+    out: list[Outcome | None] = [None] * len(events)
+    rows: list[tuple[int, Any]] = []
+    for i, (e, photo) in enumerate(zip(events, photos, strict=True)):
+        p = e.payload
+        try:
+            listing = make_listing(e.id, p.get("title") or "", p.get("description") or "",
+                                   image=photo, category=p.get("category"))
+        except VitrineError as err:
+            out[i] = failed(e, str(err))
+            continue
+        rows.append((i, listing))
+    if rows:
+        state = vitrine.state()  # one view for the embedding (lexical), fusion and votes
+        emb = vitrine.embed([x for _, x in rows], state=state)
+        fused = vitrine.fuse(emb, state=state)
+        for j, (i, listing) in enumerate(rows):
+            e = events[i]
+            if j in emb.failed:
+                out[i] = failed(e, emb.problems[j])
+                continue
+            vote = vitrine.vote_vector(fused[j], exclude=listing.id, state=state)
+            category = listing.category or vote.category
+            source = "seller" if listing.category else "predicted"
+            status: dict[str, Any] = {
+                "status": "indexed", "version": e.version, "category": category,
+                "confidence": vote.confidence, "uncertain": vote.uncertain, "source": source,
+                "predicted": vote.category, "batch": batch, "batch_size": len(rows),
+            }
+            warning = warnings[i] or emb.problems.get(j)
+            if warning:
+                status["warning"] = warning
+            entry = {
+                "op": "upsert", "id": listing.id, "version": e.version, "vec": fused[j],
+                "meta": {"title": listing.title, "category": category, "source": source},
+                "confidence": vote.confidence, "uncertain": vote.uncertain,
+            }
+            out[i] = Outcome(e.id, e.version, status, entry)
+    assert all(o is not None for o in out)
+    return [o for o in out if o is not None]
+
+
+def failed(e: Event, error: str) -> Outcome:
+    return Outcome(e.id, e.version, {"status": "failed", "version": e.version, "error": error})
+
+
+class Ingestor:
+    """Claims, decides and commits for one process (see the module doc)."""
+
+    def __init__(self, settings: Settings, store: StateStore, vitrine: Callable[[], Vitrine],
+                 fetch: FetchPhoto) -> None:
+        self.settings = settings
+        self.store = store
+        self._vitrine = vitrine  # the replica's current Vitrine (it changes on reload)
+        self.fetch = fetch
+
+    def run(self, limit: int | None = None) -> Round:
+        s = self.settings
+        claimed = self.store.claim(limit or s.worker_batch, s.lease_seconds, s.max_attempts)
+        committed = list(claimed.given_up)
+        for o in claimed.given_up:
+            log.warning("listing %r gave up: %s", o.id, o.status.get("error"))
+        if not claimed.events:
+            return Round(committed, 0, 0)
+        batch = uuid.uuid4().hex[:12]
+        events = claimed.events
+        try:
+            outcomes = self._decide(events, batch)
+        except StoreUnavailable:
+            raise
+        except Exception:
+            if len(events) == 1:
+                log.exception("indexing listing %r failed", events[0].id)
+                self.store.release(events, delay_s=s.retry_delay)
+                return Round(committed, 1, 1)
+            log.exception("indexing a batch of %d listings failed; retrying them one by one",
+                          len(events))
+            outcomes, retry = [], []
+            for e in events:
+                try:
+                    outcomes += self._decide([e], batch)
+                except StoreUnavailable:
+                    raise
+                except Exception:
+                    log.exception("indexing listing %r failed", e.id)
+                    retry.append(e)
+            self.store.release(retry, delay_s=s.retry_delay)
+            ok = self.store.commit(outcomes)
+            return Round(committed + [o for o, c in zip(outcomes, ok, strict=True) if c],
+                         len(retry), len(events))
+        ok = self.store.commit(outcomes)
+        return Round(committed + [o for o, c in zip(outcomes, ok, strict=True) if c], 0,
+                     len(events))
+
+    def _decide(self, events: Sequence[Event], batch: str) -> list[Outcome]:
+        photos: list[bytes | None] = []
+        warnings: list[str | None] = [None] * len(events)
+        urls = [e.payload["image_url"] for e in events
+                if not e.has_photo and e.payload.get("image_url")]
+        fetched = self._fetch_all(urls)
+        for i, e in enumerate(events):
+            photo = self.store.photo(e) if e.has_photo else None
+            url = e.payload.get("image_url")
+            if photo is None and url:
+                got = fetched.get(url)
+                if isinstance(got, bytes):
+                    photo = got
+                elif got is not None:
+                    warnings[i] = f"photo not used: {got}"
+            photos.append(photo)
+        return decide(self._vitrine(), events, photos, warnings, batch)
+
+    def _fetch_all(self, urls: list[str]) -> dict[str, bytes | ImageError]:
+        """Fetch photo URLs several at a time: the wait is network I/O, not CPU."""
+        def one(url: str) -> bytes | ImageError:
+            try:
+                return self.fetch(url)
+            except ImageError as e:
+                return e
+
+        uniq = list(dict.fromkeys(urls))
+        if len(uniq) <= 1:
+            return {u: one(u) for u in uniq}
+        with ThreadPoolExecutor(max_workers=min(8, len(uniq)),
+                                thread_name_prefix="fetch") as pool:
+            return dict(zip(uniq, pool.map(one, uniq), strict=True))

@@ -1,0 +1,196 @@
+"""What one vitrine process holds: the state store, the replica, the ingest use case.
+
+:class:`Runtime` is built once per process (``vitrine serve``, each Celery worker process)
+and passed around explicitly. The adapters are thin: the HTTP API accepts and deletes
+through it and reads ``runtime.replica``; the Celery task calls ``runtime.ingestor.run()``;
+in embedded mode (no broker) :meth:`Runtime.start` runs the same ingestor in a thread.
+
+Two modes, chosen by ``VITRINE_BROKER_URL`` (see :func:`indexer.state.open_store`):
+
+* **redis**: statuses, pending listings and the log live in Redis, shared by any number of
+  API and worker processes; the API wakes workers with a Celery message per listing;
+* **embedded**: the same in one SQLite file in the data dir, which one process owns.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .encoders.registry import ModelRegistry
+from .errors import VitrineError
+from .ingest import Ingestor
+from .remote import fetch_image
+from .replica import Replica
+from .settings import Settings
+from .state import StateStore, StoreUnavailable, open_store
+
+log = logging.getLogger(__name__)
+
+INGEST_TASK = "vitrine.ingest"
+# the replica may trail the log by this many entries before /health calls it lagging
+MAX_HEALTHY_LAG = 1000
+
+
+def queue_name(settings: Settings) -> str:
+    return f"{settings.redis_prefix}.ingest"
+
+
+def celery_conf(settings: Settings) -> dict[str, Any]:
+    """The Celery settings the API (sender) and the workers (consumers) must share."""
+    return {
+        "task_default_queue": queue_name(settings),
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout,
+            "global_keyprefix": f"{settings.redis_prefix}:kombu:",
+            "socket_connect_timeout": settings.broker_timeout,
+        },
+        "broker_connection_retry_on_startup": True,
+        "task_ignore_result": True,
+        "worker_hijack_root_logger": False,
+    }
+
+
+class Runtime:
+    def __init__(self, settings: Settings, registry: ModelRegistry | None = None,
+                 store: StateStore | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or ModelRegistry(settings)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = store or open_store(settings)
+        self.replica = Replica.open(settings, self.store, self.registry)
+        self.ingestor = Ingestor(settings, self.store, lambda: self.replica.v, self._fetch)
+        # called after each accepted post: wakes whoever consumes (Celery message, thread)
+        self.notify: Callable[[str, int], None] | None = None
+        self.consumer_error: str | None = None
+        self._consumer: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+
+    @property
+    def mode(self) -> str:
+        return "redis" if self.settings.broker_url else "embedded"
+
+    def _fetch(self, url: str) -> bytes:
+        s = self.settings
+        return fetch_image(url, max_bytes=s.max_image_bytes, timeout=s.fetch_timeout,
+                           allow_private=s.allow_private_urls)
+
+    # --- lifecycle --------------------------------------------------------------------------
+    def start(self, *, consume: bool | None = None) -> None:
+        """Load the models, tail the log, and (embedded, by default) consume in a thread."""
+        self.replica.v.load_models()
+        self.replica.start()
+        if consume if consume is not None else self.mode == "embedded":
+            self._stop.clear()
+            self._consumer = threading.Thread(target=self._consume, name="ingest", daemon=True)
+            self._consumer.start()
+
+    def stop(self) -> None:
+        """Finish the round in hand, stop tailing, snapshot, close. Safe to call twice."""
+        self._stop.set()
+        self._wake.set()
+        if self._consumer is not None:
+            self._consumer.join(timeout=60)
+            self._consumer = None
+        self.replica.stop()
+        try:
+            self.replica.catch_up()
+            self.replica.maybe_snapshot(force=True)
+        except VitrineError as e:
+            log.warning("no snapshot at shutdown: %s", e)
+        self.store.close()
+
+    def _consume(self) -> None:
+        """The embedded consumer: rounds of the ingest use case until stopped."""
+        while not self._stop.is_set():
+            try:
+                r = self.ingestor.run()
+                self.consumer_error = None
+            except StoreUnavailable as e:  # disk full, I/O error: report, wait, carry on
+                self.consumer_error = str(e)
+                log.warning("ingest paused: %s", e)
+                self._stop.wait(1.0)
+                continue
+            except Exception as e:  # never let the consumer die: /health says why
+                self.consumer_error = f"{type(e).__name__}: {e}"
+                log.exception("ingest round failed")
+                self._stop.wait(1.0)
+                continue
+            if not r.claimed and not r.committed:
+                # nothing claimable: sleep until a post arrives, or a lease/delay may expire
+                self._wake.wait(0.5)
+                self._wake.clear()
+
+    # --- writes (API side) ------------------------------------------------------------------
+    def accept(self, payload: dict[str, Any], photo: bytes | None) -> int:
+        """Record an accepted post durably, then wake a consumer. Returns its version."""
+        version = self.store.accept(payload, photo)
+        self._wake.set()
+        if self.notify is not None:
+            try:
+                self.notify(payload["id"], version)
+            except Exception:  # it is pending in the store: a worker's sweep picks it up
+                log.warning("could not send the wake-up for %r", payload["id"], exc_info=True)
+        return version
+
+    def delete(self, lid: str) -> int:
+        version = self.store.delete(lid)
+        self.replica.wait_version(lid, version, timeout=5)  # read-your-writes here
+        return version
+
+    # --- health -----------------------------------------------------------------------------
+    def problems(self) -> list[str]:
+        """Why this process is degraded (empty when healthy)."""
+        out = []
+        try:
+            self.store.ping()
+            lag = self.replica.lag()
+            if lag > MAX_HEALTHY_LAG:
+                out.append(f"the index replica lags {lag} log entries behind")
+        except StoreUnavailable as e:
+            out.append(f"state store unavailable: {e}")
+        if self.replica.stalled:
+            out.append("the replica stopped tailing the log")
+        if self.replica.last_error:
+            out.append(f"replication: {self.replica.last_error}")
+        if self.replica.last_snapshot_error:
+            out.append(f"snapshot: {self.replica.last_snapshot_error}")
+        if self._consumer is not None and not self._consumer.is_alive():
+            out.append("the ingest consumer is not running")
+        if self.consumer_error:
+            out.append(f"ingest: {self.consumer_error}")
+        return out
+
+
+def seed(settings: Settings, store: StateStore, catalog: Path, images: Path | None = None,
+         registry: ModelRegistry | None = None) -> str:
+    """Build the base index from a labelled catalog CSV, once: refused when one exists.
+
+    The snapshot is published first, then a ``reload`` entry tells running replicas to load
+    it. Returns a line for the operator.
+    """
+    from .catalog import read_listings
+    from .index import current_snapshot
+    from .pipeline import Vitrine
+
+    root = settings.data_dir / "index"
+    if current_snapshot(root) is not None or store.last_pos() > 0:
+        return f"--catalog ignored: {settings.data_dir} already holds an index"
+    listings, bad = read_listings(catalog, images, require_category=True)
+    if not listings:
+        raise VitrineError(f"no usable listing in {catalog}")
+    v = Vitrine(settings, registry)
+    v.build(listings)
+    v.save(root, {"log_pos": store.last_pos(), "versions": {}})
+    store.append([{"op": "reload"}])
+    ids = {x.id for x in listings}
+    refused = [b for b in bad if b.id not in ids]
+    notes = [f"{len(refused)} rows refused"] if refused else []
+    if len(bad) > len(refused):
+        notes.append(f"{len(bad) - len(refused)} indexed from their text only (photo missing)")
+    return (f"seeded the index with {len(v)} listings from {catalog}"
+            + (f" ({'; '.join(notes)})" if notes else ""))

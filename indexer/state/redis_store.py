@@ -1,0 +1,397 @@
+"""The :class:`~indexer.state.model.StateStore` on Redis, shared by every process.
+
+Keys, all under ``{prefix}:``:
+
+* ``version`` (INCR counter), ``latest`` (hash id -> latest version), ``status`` (hash id ->
+  status JSON);
+* ``pending`` (zset id -> µs when claimable), ``events`` (hash id -> event JSON), and
+  ``photo:{id}:{version}`` (the photo bytes, for exactly as long as their event is pending);
+* ``log`` (a stream whose entry ids are ``<pos>-0``), ``logpos`` (its INCR counter),
+  ``trimmed`` (trimmed_upto);
+* ``lease:{name}`` (the owner, expiring by PX).
+
+Every write that must be atomic is one Lua script: Redis runs a script alone, so no other
+client sees it half done, and no MULTI/WATCH retry loop is needed. A script is all-or-nothing
+only if it cannot fail half way: arguments are checked here before it is sent.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Sequence
+from typing import Any, ParamSpec, TypeVar, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    BusyLoadingError,
+    ConnectionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    TimeoutError,
+)
+from redis.retry import Retry
+
+from .model import (
+    Claimed,
+    Event,
+    LogEntry,
+    Outcome,
+    Status,
+    StoreUnavailable,
+    decode_entry,
+    encode_entry,
+)
+
+# OOM (maxmemory reached) and READONLY (a failed-over primary) are refused before a script
+# writes anything, and pass like an outage: both are the "disk full" of Redis.
+_TRANSIENT = (ConnectionError, TimeoutError, BusyLoadingError, OutOfMemoryError, ReadOnlyError)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _transient(fn: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except _TRANSIENT as e:
+            raise StoreUnavailable(f"Redis unavailable: {e}") from e
+
+    return wrapper
+
+
+def redact(url: str) -> str:
+    """``url`` without its password (in the netloc or a ``?password=`` query)."""
+    u = urlsplit(url)
+    netloc = u.netloc
+    if u.password is not None:
+        netloc = f"{u.username or ''}:***@{netloc.rpartition('@')[2]}"
+    query = urlencode([(k, "***" if k == "password" else v) for k, v in parse_qsl(u.query)],
+                      safe="*")
+    return urlunsplit((u.scheme, netloc, u.path, query, u.fragment))
+
+
+# Time comes from redis.call('TIME'), not from the caller: the API, the workers and the
+# sweeper may run on different hosts, and leases must expire on one clock, whatever their
+# skew. Redis >= 5 replicates scripts by their effects, so TIME inside a write is allowed.
+# Scores are integer µs (exact in a double), passed as "%.0f" text: Lua numbers otherwise
+# reach redis.call as "%.14g", which would round them to 0.1 ms and make ties ordered by id.
+# An event's payload travels inside its JSON as a string: cjson would re-encode floats with
+# 14 digits and turn an empty list into {}, so Lua never decodes it.
+_PRELUDE = """
+local K_VERSION, K_LATEST, K_STATUS, K_PENDING, K_EVENTS, K_LOG, K_LOGPOS, K_TRIMMED =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local PHOTO = ARGV[1]
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local function make_claimable(id, at_us)
+  redis.call('ZADD', K_PENDING, string.format('%.0f', at_us), id)
+end
+local function pending_version(id)
+  local raw = redis.call('HGET', K_EVENTS, id)
+  return raw and cjson.decode(raw).version
+end
+local function drop_event(id)
+  local v = pending_version(id)
+  if v then
+    redis.call('DEL', PHOTO .. id .. ':' .. v)
+    redis.call('HDEL', K_EVENTS, id)
+    redis.call('ZREM', K_PENDING, id)
+  end
+end
+local function log_append(json)
+  local pos = redis.call('INCR', K_LOGPOS)
+  redis.call('XADD', K_LOG, pos .. '-0', 'e', json)
+  return pos
+end
+"""
+
+_ACCEPT = """
+local id, has_photo = ARGV[2], ARGV[4] == '1'
+local v = redis.call('INCR', K_VERSION)
+drop_event(id)
+redis.call('HSET', K_LATEST, id, v)
+redis.call('HSET', K_STATUS, id, cjson.encode({status = 'queued', version = v}))
+redis.call('HSET', K_EVENTS, id,
+  cjson.encode({version = v, attempts = 0, has_photo = has_photo, leased = false,
+                payload = ARGV[3]}))
+make_claimable(id, now_us())
+if has_photo then redis.call('SET', PHOTO .. id .. ':' .. v, ARGV[5]) end
+return v
+"""
+
+_DELETE = """
+local id = ARGV[2]
+local v = redis.call('INCR', K_VERSION)
+drop_event(id)
+redis.call('HSET', K_LATEST, id, v)
+redis.call('HSET', K_STATUS, id, cjson.encode({status = 'deleted', version = v}))
+log_append(cjson.encode({op = 'delete', id = id, version = v}))
+return v
+"""
+
+# Given-up events do not count against limit, so claimable ones are read again until limit
+# events are claimed; with lease_s == 0 a claimed event stays claimable, hence `seen`.
+_CLAIM = """
+local limit, lease_us, max_attempts = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local now = now_us()
+local out, seen, claimed, stayed = {}, {}, 0, 0
+while claimed < limit do
+  local fresh = false
+  local ids = redis.call('ZRANGEBYSCORE', K_PENDING, '-inf', string.format('%.0f', now),
+                         'LIMIT', 0, limit - claimed + stayed)
+  for _, id in ipairs(ids) do
+    if not seen[id] and claimed < limit then
+      seen[id], fresh = true, true
+      local ev = cjson.decode(redis.call('HGET', K_EVENTS, id))
+      ev.id = id
+      if ev.attempts >= max_attempts then
+        local why = ev.leased and 'the last lease expired without a result'
+                    or 'the last attempt was released for a retry'
+        local status = cjson.encode({status = 'failed', version = ev.version,
+          error = 'gave up after ' .. ev.attempts .. ' attempts: ' .. why})
+        redis.call('HSET', K_STATUS, id, status)
+        drop_event(id)
+        out[#out + 1] = cjson.encode({id = id, version = ev.version, given_up = status})
+      else
+        ev.attempts, ev.leased = ev.attempts + 1, true
+        redis.call('HSET', K_EVENTS, id, cjson.encode(ev))
+        make_claimable(id, now + lease_us)
+        claimed = claimed + 1
+        if lease_us <= 0 then stayed = stayed + 1 end
+        out[#out + 1] = cjson.encode(ev)
+      end
+    end
+  end
+  if not fresh then break end
+end
+return out
+"""
+
+# The pending event is always the latest accepted post (accept replaces it, delete drops
+# it), so finding it at the outcome's version means that version is still latest; and a
+# duplicate or late commit of it finds it gone and changes nothing.
+_COMMIT = """
+local res = {}
+for i = 2, #ARGV, 4 do
+  local id = ARGV[i]
+  local ok = pending_version(id) == tonumber(ARGV[i + 1])
+  if ok then
+    redis.call('HSET', K_STATUS, id, ARGV[i + 2])
+    if ARGV[i + 3] ~= '' then log_append(ARGV[i + 3]) end
+    drop_event(id)
+  end
+  res[#res + 1] = ok and 1 or 0
+end
+return res
+"""
+
+_RELEASE = """
+local at = now_us() + tonumber(ARGV[2])
+for i = 3, #ARGV, 2 do
+  local id, raw = ARGV[i], redis.call('HGET', K_EVENTS, ARGV[i])
+  local ev = raw and cjson.decode(raw)
+  if ev and ev.version == tonumber(ARGV[i + 1]) then
+    ev.leased = false
+    redis.call('HSET', K_EVENTS, id, cjson.encode(ev))
+    make_claimable(id, at)
+  end
+end
+"""
+
+_APPEND = """
+local res = {}
+for i = 2, #ARGV do res[#res + 1] = log_append(ARGV[i]) end
+return res
+"""
+
+# A snapshot cannot hold entries not appended yet: upto is capped at the last position, and
+# trimmed_upto never goes back.
+_TRIM = """
+local upto = math.min(tonumber(ARGV[2]), tonumber(redis.call('GET', K_LOGPOS) or 0))
+if upto > tonumber(redis.call('GET', K_TRIMMED) or 0) then
+  redis.call('XTRIM', K_LOG, 'MINID', (upto + 1) .. '-0')
+  redis.call('SET', K_TRIMMED, upto)
+end
+"""
+
+_LEASE = """
+local owner = redis.call('GET', KEYS[1])
+if owner and owner ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+_UNLEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+"""
+
+
+class RedisStore:
+    def __init__(self, client: redis.Redis, prefix: str, timeout: float) -> None:
+        self._r = client
+        self._p = prefix
+        self._keys = [f"{prefix}:{k}" for k in
+                      ("version", "latest", "status", "pending", "events", "log", "logpos",
+                       "trimmed")]
+        self._log = f"{prefix}:log"
+        self._photo = f"{prefix}:photo:"
+        # a blocked XREAD must answer before the socket times out, or it reads as an outage
+        self._max_block_ms = int(timeout * 1000) + 4000
+        def state(body: str) -> Any:
+            return client.register_script(_PRELUDE + body)
+
+        self._accept, self._delete, self._claim = state(_ACCEPT), state(_DELETE), state(_CLAIM)
+        self._commit, self._release = state(_COMMIT), state(_RELEASE)
+        self._append, self._trim = state(_APPEND), state(_TRIM)
+        self._lease = client.register_script(_LEASE)
+        self._unlease = client.register_script(_UNLEASE)
+
+    @classmethod
+    def connect(cls, url: str, prefix: str, timeout: float = 3.0) -> RedisStore:
+        # No retries: a script whose reply was lost may have run, and running accept or
+        # claim again would take a second version or count a second attempt.
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout,
+                                      socket_timeout=timeout + 5, retry=Retry(NoBackoff(), 0))
+        try:
+            client.ping()
+        except redis.RedisError as e:  # whatever answers there, it is no Redis we can use
+            client.close()
+            raise StoreUnavailable(
+                f"cannot reach Redis at {redact(url)} within {timeout:g} s: {e}") from e
+        return cls(client, prefix, timeout)
+
+    def _run(self, script: Any, *args: Any) -> Any:
+        return script(keys=self._keys, args=[self._photo, *args])
+
+    # --- writes the API accepts -----------------------------------------------------------
+    @_transient
+    def accept(self, payload: dict[str, Any], photo: bytes | None) -> int:
+        lid = payload["id"]
+        if not isinstance(lid, str):
+            raise TypeError(f"payload id must be a str, not {type(lid).__name__}")
+        flag = "0" if photo is None else "1"
+        return int(self._run(self._accept, lid, json.dumps(payload), flag, photo or b""))
+
+    @_transient
+    def delete(self, lid: str) -> int:
+        return int(self._run(self._delete, lid))
+
+    # --- the ingest use case --------------------------------------------------------------
+    @_transient
+    def claim(self, limit: int, lease_s: float, max_attempts: int) -> Claimed:
+        out = Claimed()
+        for raw in self._run(self._claim, int(limit), int(lease_s * 1e6), int(max_attempts)):
+            d = json.loads(raw)
+            if "given_up" in d:
+                out.given_up.append(Outcome(d["id"], d["version"], json.loads(d["given_up"])))
+            else:
+                out.events.append(Event(d["id"], d["version"], json.loads(d["payload"]),
+                                        d["attempts"], d["has_photo"]))
+        return out
+
+    @_transient
+    def photo(self, event: Event) -> bytes | None:
+        if not event.has_photo:
+            return None
+        raw = self._r.get(f"{self._photo}{event.id}:{event.version}")
+        return cast(bytes | None, raw)
+
+    @_transient
+    def commit(self, outcomes: Sequence[Outcome]) -> list[bool]:
+        if not outcomes:
+            return []
+        args: list[Any] = []
+        for o in outcomes:
+            if o.status.get("version") != o.version or "status" not in o.status:
+                raise ValueError(f"status of {o.id!r} must hold status and version {o.version}")
+            entry = "" if o.entry is None else encode_entry(o.entry)
+            args += [o.id, int(o.version), json.dumps(o.status), entry]
+        return [bool(x) for x in self._run(self._commit, *args)]
+
+    @_transient
+    def release(self, events: Sequence[Event], delay_s: float = 0.0) -> None:
+        if events:
+            pairs = [x for e in events for x in (e.id, int(e.version))]
+            self._run(self._release, int(delay_s * 1e6), *pairs)
+
+    @_transient
+    def is_pending(self, lid: str, version: int) -> float | None:
+        pipe = self._r.pipeline()  # MULTI/EXEC: the event, its score and the clock at once
+        pipe.hget(f"{self._p}:events", lid)
+        pipe.zscore(f"{self._p}:pending", lid)
+        pipe.time()
+        raw, score, (sec, usec) = pipe.execute()
+        if raw is None or score is None or json.loads(raw)["version"] != version:
+            return None
+        return max(0.0, (score - (sec * 1_000_000 + usec)) / 1e6)
+
+    @_transient
+    def pending_count(self) -> int:
+        return int(self._r.zcard(f"{self._p}:pending"))
+
+    # --- reads ----------------------------------------------------------------------------
+    @_transient
+    def status(self, lid: str) -> Status | None:
+        return self.statuses([lid])[0]
+
+    @_transient
+    def statuses(self, lids: Sequence[str]) -> list[Status | None]:
+        if not lids:
+            return []
+        raws = self._r.hmget(f"{self._p}:status", list(lids))
+        return [json.loads(r) if r is not None else None for r in raws]
+
+    # --- the log --------------------------------------------------------------------------
+    @_transient
+    def append(self, entries: Sequence[LogEntry]) -> list[int]:
+        if not entries:
+            return []
+        return [int(p) for p in self._run(self._append, *map(encode_entry, entries))]
+
+    @_transient
+    def read(self, after: int, count: int = 1000, block_ms: int = 0) -> list[tuple[int, LogEntry]]:
+        start = f"{int(after)}-0"
+        rows: Any
+        if block_ms <= 0:
+            rows = self._r.xrange(self._log, min=f"({start}", max="+", count=count)
+        else:
+            block = min(int(block_ms), self._max_block_ms)
+            res: Any = self._r.xread({self._log: start}, count=count, block=block)
+            rows = res[0][1] if res else []
+        return [(int(rid.split(b"-")[0]), decode_entry(fields[b"e"])) for rid, fields in rows]
+
+    @_transient
+    def last_pos(self) -> int:
+        return int(self._r.get(f"{self._p}:logpos") or 0)
+
+    @_transient
+    def trimmed_upto(self) -> int:
+        return int(self._r.get(f"{self._p}:trimmed") or 0)
+
+    @_transient
+    def trim(self, upto: int) -> None:
+        self._run(self._trim, int(upto))
+
+    # --- coordination ---------------------------------------------------------------------
+    @_transient
+    def lease(self, name: str, owner: str, ttl_s: float) -> bool:
+        ttl_ms = max(1, int(ttl_s * 1000))
+        return bool(self._lease(keys=[f"{self._p}:lease:{name}"], args=[owner, ttl_ms]))
+
+    @_transient
+    def unlease(self, name: str, owner: str) -> None:
+        self._unlease(keys=[f"{self._p}:lease:{name}"], args=[owner])
+
+    @_transient
+    def ping(self) -> None:
+        self._r.ping()
+
+    def close(self) -> None:
+        self._r.close()
