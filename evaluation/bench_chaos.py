@@ -10,10 +10,11 @@ records, per id, the *last acknowledged* op and the version its answer gave. Eac
 to one client thread, so that record is the order the store saw the writes in.
 
 Each cycle kills one random process (API or worker) with SIGKILL (its whole process group) at
-a random moment, restarts it at once and measures its recovery: until ``/health`` answers
-for an API; for a worker, until the new process has processed an ingest task (its log shows a
-finished round or task) or, failing that, until the pending count falls below what it was at
-the kill.
+a random moment (for a worker, the next moment within ``aim_s`` when a batch is in flight:
+claimed, not committed; ``leased_at_kill`` says how many recent posts were), restarts it at
+once and measures its recovery: until ``/health`` answers for an API; for a worker, until the
+new process has processed an ingest task (its log shows a finished round or task; the
+pending count falling is no sign, the other worker makes it fall alone).
 
 After the load: wait until nothing is pending and both APIs report ``lag`` 0 and the same
 digest (``agree_s``), then check every id against the store (``RedisStore.statuses``), a fresh
@@ -22,10 +23,15 @@ digest (``agree_s``), then check every id against the store (``RedisStore.status
 * ``lost``: the last acknowledged op is a post of version v, but the status is not final
   (``indexed`` or ``failed``) at v; ``failed`` counts the ones final ``failed`` at v;
 * ``stale``: the status is ``indexed`` at v but the fresh replica holds another version of
-  the id (or none), or an API answers another version (each API's digest must also equal the
-  fresh replica's: ``api_digests_match``);
+  the id (or none, or another title than the acknowledged post's), or an API answers another
+  version (``GET /listings/{id}``) or does not hold it (``POST /search`` by ``listing_id``);
+  each API's digest must also equal the fresh replica's (``api_digests_match``; a mismatch
+  counts one more stale);
 * ``resurrected``: the last acknowledged op is a delete but the fresh replica still holds the
-  id, the status is not ``deleted``, or an API still answers it.
+  id (or not at the delete's version), the status is not ``deleted`` at it, or an API still
+  answers or finds it.
+
+Untouched listings of the seeded catalog must still be there (``seed_missing``).
 
 The goal: 0 lost, 0 stale, 0 resurrected over >= 10 cycles. Every subprocess is killed and
 every Redis key of the prefix deleted at the end, whatever happened.
@@ -45,6 +51,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,11 +166,13 @@ class Client(threading.Thread):
     """One load thread: owns its ids, retries every op against the other API until acked."""
 
     def __init__(self, k: int, ports: list[int], seed_ids: list[str], pool: list[Any],
-                 store: Any, rng: random.Random, stop: threading.Event, *,
+                 store: Any, rng: random.Random, stop: threading.Event, recent: deque[Any], *,
                  think_s: tuple[float, float], photo_share: float, ack_timeout: float) -> None:
         super().__init__(name=f"chaos-client-{k}", daemon=True)
         self.k, self.ports, self.pool, self.store, self.rng = k, ports, pool, store, rng
         self.stop_ev = stop
+        self.abort = threading.Event()  # the bench failed: give up the op in hand
+        self.recent = recent  # (id, version) of the latest acknowledged posts, all clients
         self.think_s, self.photo_share, self.ack_timeout = think_s, photo_share, ack_timeout
         self.records: dict[str, Record] = {lid: Record("seed", 0) for lid in seed_ids}
         self.content: dict[str, Any] = {}  # id -> the catalog listing its posts are made of
@@ -207,6 +216,8 @@ class Client(threading.Thread):
                 why = repr(e)
                 self._drop(port)
             self.stats.retries += 1
+            if self.abort.is_set():
+                raise NotAcknowledged(f"{method} {path}: the bench is aborting")
             if time.monotonic() > deadline:
                 raise NotAcknowledged(f"{method} {path}: no acknowledgement within "
                                       f"{self.ack_timeout:g} s (last: {why})")
@@ -234,6 +245,7 @@ class Client(threading.Thread):
             raise RuntimeError(f"POST /listings {lid}: {code} {got}")
         # the title as the index stores it (whitespace collapsed), to check the content too
         self.records[lid] = Record("post", int(got["version"]), title=" ".join(title.split()))
+        self.recent.append((lid, int(got["version"])))
         self.stats.ops[kind] += 1
 
     def delete(self, lid: str) -> None:
@@ -331,7 +343,8 @@ def run_chaos_bench(settings: Settings, data: Path, *, broker_url: str, cycles: 
                     visibility_timeout: float = 10.0, worker_batch: int = 8,
                     snapshot_every: int = 100, photo_share: float = 0.3,
                     think_s: tuple[float, float] = (0.1, 0.6), agree_timeout: float = 600.0,
-                    recovery_timeout: float = 300.0, random_seed: int | None = None,
+                    recovery_timeout: float = 300.0, aim_s: float = 3.0,
+                    random_seed: int | None = None,
                     logs: Path | None = None) -> dict[str, Any]:
     from indexer.catalog import read_listings
     from indexer.encoders.registry import ModelRegistry
@@ -380,7 +393,8 @@ def run_chaos_bench(settings: Settings, data: Path, *, broker_url: str, cycles: 
             "clients": clients, "cycle_s": cycle_s, "lease_seconds": lease_seconds,
             "max_attempts": max_attempts, "visibility_timeout": visibility_timeout,
             "worker_batch": worker_batch, "snapshot_every": snapshot_every,
-            "photo_share": photo_share, "think_s": list(think_s), "random_seed": random_seed,
+            "photo_share": photo_share, "think_s": list(think_s), "aim_s": aim_s,
+            "random_seed": random_seed,
             "broker": broker_url, "prefix": prefix, "apis": 2, "workers": 2,
             "worker_concurrency": 1, "models": {"text": s.text_model, "image": s.image_model},
             "cpus": os.cpu_count(),
@@ -427,10 +441,19 @@ def run_chaos_bench(settings: Settings, data: Path, *, broker_url: str, cycles: 
 
             # --- load, and one kill -9 per cycle -----------------------------------------------
             seeds = sorted(seed_ids)
+            recent: deque[tuple[str, int]] = deque(maxlen=64)
+
+            def leased_now() -> int:
+                """Recent posts claimed by a worker and not committed (a batch in flight)."""
+                n = 0
+                for lid, v in list(recent):
+                    wait = store.is_pending(lid, v)
+                    n += wait is not None and wait > 0
+                return n
             for k in range(clients):
                 threads.append(Client(
                     k, ports, seeds[k::clients], pool, store, random.Random(rng.random()), stop,
-                    think_s=think_s, photo_share=photo_share,
+                    recent, think_s=think_s, photo_share=photo_share,
                     ack_timeout=max(120.0, recovery_timeout)))
             t_load = time.monotonic()
             for c in threads:
@@ -446,6 +469,11 @@ def run_chaos_bench(settings: Settings, data: Path, *, broker_url: str, cycles: 
                 time.sleep(rng.uniform(0.5, cycle_s))
                 check_clients()
                 victim = rng.choice(slots)
+                if not victim.is_api and aim_s > 0:
+                    # a worker dies at the worst moment more often than by chance: wait (a
+                    # little) for a batch in flight; which worker holds it is left to chance
+                    _wait(leased_now, aim_s, every=0.02)
+                leased_at_kill = leased_now()
                 pending_at_kill = store.pending_count()
                 at_s = time.monotonic() - t_load
                 victim.kill9()
@@ -460,28 +488,22 @@ def run_chaos_bench(settings: Settings, data: Path, *, broker_url: str, cycles: 
                         return _health(port) is not None
                     how = "health"
                 else:
-                    seen: dict[str, str] = {}
-
-                    def recovered(victim: Managed = victim, p0: int = pending_at_kill,
-                                  seen: dict[str, str] = seen) -> bool:
+                    # the pending count falling is no sign: the other worker makes it fall
+                    # alone (seen: "recovered" in 1.5 s, before the new process had even
+                    # loaded its models). The load goes on, so wake-ups reach the new worker.
+                    def recovered(victim: Managed = victim) -> bool:
                         if not victim.alive():
                             raise RuntimeError(f"{victim.name} exited:\n{victim.tail()}")
                         text = victim.log_text()
-                        if "claimed listings" in text or "succeeded in" in text:
-                            seen["how"] = "processed"
-                            return True
-                        if " ready." in text and store.pending_count() < p0:
-                            seen["how"] = "pending_fell"
-                            return True
-                        return False
+                        return "claimed listings" in text or "succeeded in" in text
+                    how = "processed"
                 ok = _wait(recovered, recovery_timeout, every=0.1)
                 rec = time.monotonic() - t_kill
-                if not victim.is_api:
-                    how = seen.get("how", "none")
                 kills.append({"cycle": cycle + 1, "process": victim.name,
                               "at_s": round(at_s, 2),
                               "recovery_s": round(rec, 2) if ok else None, "recovered_by": how,
-                              "pending_at_kill": pending_at_kill})
+                              "pending_at_kill": pending_at_kill,
+                              "leased_at_kill": leased_at_kill})
                 _say(f"cycle {cycle + 1}/{cycles}: killed {victim.name} at {at_s:.1f} s, "
                      + (f"recovered in {rec:.1f} s ({how})" if ok else "NOT recovered"))
                 if not ok:
@@ -540,6 +562,8 @@ def run_chaos_bench(settings: Settings, data: Path, *, broker_url: str, cycles: 
                                        and out["stale"] == 0 and out["resurrected"] == 0)}
     finally:
         stop.set()
+        for c in threads:
+            c.abort.set()
         for c in threads:
             c.join(timeout=5)
         for m in slots:

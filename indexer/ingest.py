@@ -14,7 +14,10 @@ nothing else turns an accepted listing into an index entry. One round:
 
 A round that raises is retried event by event; an event that raises alone goes back to the
 store with a delay (its attempt counted), so a poison listing ends ``failed`` after
-``max_attempts`` instead of looping, and never sinks the others. A store failure
+``max_attempts`` instead of looping, and never sinks the others. A listing that *kills* its
+process (the OOM killer) takes its batch mates down with it once; after that, every event
+claimed again (``attempts > 1``, a *suspect*) runs alone, one per round, the others given
+back untried (their attempt refunded): only the killer keeps being charged. A store failure
 (:class:`~indexer.state.StoreUnavailable`) propagates: the leases expire and the events come
 back by themselves.
 """
@@ -115,6 +118,11 @@ class Ingestor:
             return Round(committed, 0, 0)
         batch = uuid.uuid4().hex[:12]
         events = claimed.events
+        suspects = [e for e in events if e.attempts > 1]
+        if suspects and len(events) > 1:
+            alone = suspects[0]
+            self.store.release([e for e in events if e is not alone], refund=True)
+            events = [alone]
         try:
             outcomes = self._decide(events, batch)
         except StoreUnavailable:

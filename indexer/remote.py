@@ -25,7 +25,7 @@ def check_url(url: str, allow_private: bool = False) -> None:
     except OSError as e:
         raise ImageError(f"image_url host {parts.hostname!r} does not resolve") from e
     for info in infos:
-        addr = ipaddress.ip_address(info[4][0].split("%")[0])
+        addr = ipaddress.ip_address(str(info[4][0]).split("%")[0])
         if not addr.is_global or addr.is_multicast:
             raise InvalidInput(
                 f"image_url host {parts.hostname!r} is a non-public address ({addr}); "

@@ -148,6 +148,9 @@ class Runtime:
         out = []
         try:
             self.store.ping()
+            if self.store.last_pos() < self.replica.pos:
+                out.append("the state store has fewer log entries than this process applied "
+                           "(a Redis without persistence restarted?): accepted writes were lost")
             lag = self.replica.lag()
             if lag > MAX_HEALTHY_LAG:
                 out.append(f"the index replica lags {lag} log entries behind")

@@ -341,7 +341,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             raise InvalidInput("text longer than 10000 characters")
         lid = validate_id(q.listing_id) if q.listing_id else None
 
-        def run() -> bytes:
+        def run() -> str:
             image = (_check_image(_b64(q.image_base64, settings), settings)
                      if q.image_base64 else None)
             hits = rt.replica.v.search(text=q.text, image=image, listing_id=lid, k=q.k,
@@ -355,7 +355,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 
     @app.post("/classify", response_model=ClassifyOut)
     async def classify(q: ClassifyIn, rt: RuntimeDep) -> Response:
-        def run() -> bytes:
+        def run() -> str:
             image = (_check_image(_b64(q.image_base64, settings), settings)
                      if q.image_base64 else None)
             listing = make_listing("draft", q.title, q.description, image=image)

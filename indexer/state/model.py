@@ -115,9 +115,11 @@ class StateStore(Protocol):
         Returns, per outcome, whether it was committed."""
         ...
 
-    def release(self, events: Sequence[Event], delay_s: float = 0.0) -> None:
-        """Make claimed events claimable again after ``delay_s`` (their attempt still
-        counts). Events no longer pending at that version are left alone."""
+    def release(self, events: Sequence[Event], delay_s: float = 0.0, *,
+                refund: bool = False) -> None:
+        """Make claimed events claimable again after ``delay_s``. Their attempt counts,
+        unless ``refund`` (the consumer gives them back untried). Events no longer pending
+        at that version are left alone."""
         ...
 
     def is_pending(self, lid: str, version: int) -> float | None:

@@ -193,12 +193,13 @@ return res
 """
 
 _RELEASE = """
-local at = now_us() + tonumber(ARGV[2])
-for i = 3, #ARGV, 2 do
+local at, refund = now_us() + tonumber(ARGV[2]), ARGV[3] == '1'
+for i = 4, #ARGV, 2 do
   local id, raw = ARGV[i], redis.call('HGET', K_EVENTS, ARGV[i])
   local ev = raw and cjson.decode(raw)
   if ev and ev.version == tonumber(ARGV[i + 1]) then
     ev.leased = false
+    if refund and ev.attempts > 0 then ev.attempts = ev.attempts - 1 end
     redis.call('HSET', K_EVENTS, id, cjson.encode(ev))
     make_claimable(id, at)
   end
@@ -316,10 +317,11 @@ class RedisStore:
         return [bool(x) for x in self._run(self._commit, *args)]
 
     @_transient
-    def release(self, events: Sequence[Event], delay_s: float = 0.0) -> None:
+    def release(self, events: Sequence[Event], delay_s: float = 0.0, *,
+                refund: bool = False) -> None:
         if events:
             pairs = [x for e in events for x in (e.id, int(e.version))]
-            self._run(self._release, int(delay_s * 1e6), *pairs)
+            self._run(self._release, int(delay_s * 1e6), int(refund), *pairs)
 
     @_transient
     def is_pending(self, lid: str, version: int) -> float | None:

@@ -245,12 +245,13 @@ class SqliteStore:
                 done.append(True)
         return done
 
-    def release(self, events: Sequence[Event], delay_s: float = 0.0) -> None:
+    def release(self, events: Sequence[Event], delay_s: float = 0.0, *,
+                refund: bool = False) -> None:
         ready_at = time.time() + delay_s
         with self._tx() as conn:
-            conn.executemany("UPDATE pending SET ready_at = ?, leased = 0 "
-                             "WHERE id = ? AND version = ?",
-                             [(ready_at, e.id, e.version) for e in events])
+            conn.executemany("UPDATE pending SET ready_at = ?, leased = 0, "
+                             "attempts = MAX(0, attempts - ?) WHERE id = ? AND version = ?",
+                             [(ready_at, int(refund), e.id, e.version) for e in events])
 
     def is_pending(self, lid: str, version: int) -> float | None:
         with self._tx(write=False) as conn:

@@ -231,6 +231,17 @@ def test_claim_past_max_attempts_gives_up(store: StateStore):
     assert store.status("a") == dead.status
 
 
+def test_a_refunded_release_does_not_count_the_attempt(store: StateStore):
+    v = post(store, "a")
+    e = claim_one(store)
+    assert (e.version, e.attempts) == (v, 1)
+    store.release([e], refund=True)  # given back untried
+    e = claim_one(store)
+    assert e.attempts == 1
+    store.release([e])  # tried and failed: it counts
+    assert claim_one(store).attempts == 2
+
+
 def test_release_makes_event_claimable_after_delay(store: StateStore):
     v = post(store, "a")
     e = claim_one(store)

@@ -274,10 +274,10 @@ POISON = """
 import os, signal
 from indexer.pipeline import Vitrine
 _embed = Vitrine.embed
-def embed(self, listings, progress=None):
+def embed(self, listings, *args, **kwargs):
     if any("POISON" in x.title for x in listings):
         os.kill(os.getpid(), signal.SIGKILL)  # like the OOM killer
-    return _embed(self, listings, progress)
+    return _embed(self, listings, *args, **kwargs)
 Vitrine.embed = embed
 """
 
