@@ -52,7 +52,10 @@ def _ingest_batched(v: Vitrine, listings: Sequence[Listing], stages: dict[str, f
     present: dict[str, np.ndarray] = {}
     if v.text_spec:
         with stage("text_encode"):
-            vectors["text"] = registry.text().encode([semantic_text(x) for x in listings])
+            tenc = registry.text()
+            if tenc is None:
+                raise RuntimeError("text_model is off but the index has a text view")
+            vectors["text"] = tenc.encode([semantic_text(x) for x in listings])
         present["text"] = np.ones(len(listings), bool)
     if v.lexical is not None:
         with stage("lexical_encode"):
@@ -60,6 +63,8 @@ def _ingest_batched(v: Vitrine, listings: Sequence[Listing], stages: dict[str, f
         present["lexical"] = np.ones(len(listings), bool)
     if v.image_spec:
         ienc = registry.image()
+        if ienc is None:
+            raise RuntimeError("image_model is off but the index has an image view")
         with stage("image_decode"):
             imgs = [v._decode(x) for x in listings]
         ok = [i for i, im in enumerate(imgs) if im is not None]

@@ -84,8 +84,8 @@ def orb_descriptors(images: Sequence[Any], n_features: int = 400) -> list[np.nda
     """ORB descriptors (32-byte binary) of each RGB PIL image, resized to 320 px max side."""
     import cv2
 
-    orb = cv2.ORB_create(nfeatures=n_features)
-    out = []
+    orb = cv2.ORB.create(nfeatures=n_features)  # = ORB_create, which the stubs lack
+    out: list[np.ndarray] = []
     for im in images:
         if im is None:
             out.append(np.zeros((0, 32), np.uint8))

@@ -95,7 +95,7 @@ def confusion_figure(cm: np.ndarray, names: list[str], title: str, xlabel: str) 
     ax.set_yticks(range(len(names)), wrapped, fontsize=8)
     for i in range(len(names)):
         for j in range(len(names)):
-            ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
+            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=8,
                     color="white" if cm[i, j] > cm.max() / 2 else "black")
     ax.set_ylabel("seller category")
     ax.set_xlabel(xlabel)

@@ -120,8 +120,11 @@ def load_catalog(data: Path, limit_per_category: int | None) -> list[Listing]:
         per: dict[str, int] = {}
         keep = []
         for x in listings:
-            if per.get(x.category, 0) < limit_per_category:
-                per[x.category] = per.get(x.category, 0) + 1
+            cat = x.category
+            if cat is None:  # never: filtered out above
+                continue
+            if per.get(cat, 0) < limit_per_category:
+                per[cat] = per.get(cat, 0) + 1
                 keep.append(x)
         listings = keep
     return listings
@@ -135,13 +138,21 @@ def load_images(listings: list[Listing], progress: bool) -> list[Any]:
             im = None
             if x.image is not None:
                 try:
-                    im = decode_image(read_image_bytes(x.image))
+                    raw = x.image if isinstance(x.image, bytes) else read_image_bytes(x.image)
+                    im = decode_image(raw)
                     im.thumbnail((384, 384))
                 except Exception as e:  # noqa: BLE001 - a bad photo is reported, not fatal
                     log.warning("photo of %s unusable: %s", x.id, e)
             out.append(im)
             bar.update(1)
     return out
+
+
+def _image_name(image: str | Path | bytes | None) -> str:
+    """The photo's file name; "" when there is none or it is raw bytes."""
+    if not image or isinstance(image, bytes):
+        return ""
+    return Path(image).name
 
 
 def _blank_like(images: list[Any]) -> list[Any]:
@@ -214,7 +225,7 @@ def run_study(cfg: StudyConfig, settings: Settings,
             clusters = KMeans(k, n_init=cfg.kmeans_init, random_state=cfg.seed).fit_predict(z)
             mapping, confusion, _ = match_clusters(list(y), list(clusters))
             entry: dict[str, Any] = {
-                "ari": adjusted_rand(y, clusters),
+                "ari": adjusted_rand(list(y), list(clusters)),
                 "matched_accuracy": float(np.trace(confusion) / len(y)),
                 "dim": int(x.shape[1]),
                 **cosine_knn_cv(x, y, folds=cfg.folds, seed=cfg.seed),
@@ -232,7 +243,7 @@ def run_study(cfg: StudyConfig, settings: Settings,
     sp_clusters = KMeans(k, n_init=cfg.kmeans_init, random_state=cfg.seed).fit_predict(scores)
     _, sp_confusion, _ = match_clusters(list(y), list(sp_clusters))
     supervised_projection: dict[str, Any] = {
-        "ari": adjusted_rand(y, sp_clusters),
+        "ari": adjusted_rand(list(y), list(sp_clusters)),
         "matched_accuracy": float(np.trace(sp_confusion) / len(y)),
         "supervised": True,
         "folds": cfg.folds,
@@ -302,7 +313,7 @@ def run_study(cfg: StudyConfig, settings: Settings,
         "seller_category": y[i], "predicted": vote_pred[i],
         "confidence": round(float(vote_conf[i]), 3),
         "category_path": " >> ".join(listings[i].category_path),
-        "image": listings[i].image.name if listings[i].image else "",
+        "image": _image_name(listings[i].image),
         "description": listings[i].description[:300],
         "_row": i,
     } for i in suspect_rows]
@@ -321,7 +332,7 @@ def run_study(cfg: StudyConfig, settings: Settings,
                       f"re-normalised; KMeans({k}, n_init={cfg.kmeans_init})")},
         "fused_supervised_projection": supervised_projection,
         "classifier": {"backbone": settings.image_model, "val_accuracy": clf.val_accuracy,
-                       "ari": adjusted_rand(y_idx[va], clf.val_pred),
+                       "ari": adjusted_rand(list(y_idx[va]), list(clf.val_pred)),
                        "epochs": clf.epochs, "cached_views": clf.views,
                        "trained_from": clf.trained_from, "test_time_flip": True,
                        "epoch_selection": "none (fixed schedule, validation scored once)",
