@@ -18,72 +18,13 @@ from fastapi.testclient import TestClient
 from indexer.runtime import Runtime
 from services.api import create_app
 from tests.conftest import ROOT
-from tests.services.helpers import b64, png, wait_until
+from tests.services.helpers import PhotoServer, b64, png, wait_until
 
 from .helpers import REDIS, Worker, inject, worker_env
 
 pytestmark = pytest.mark.slow
 # batches of 4 (so that a kill -9 lands between two of them); photos from the local server
 SMALL_BATCH = {"VITRINE_WORKER_BATCH": "4", "VITRINE_ALLOW_PRIVATE_URLS": "true"}
-
-
-class PhotoServer:
-    """A local HTTP server of PNGs that holds the first request for each path until released."""
-
-    def __init__(self) -> None:
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        self.requested: dict[str, threading.Event] = {}
-        self.released: dict[str, threading.Event] = {}
-        self._lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                name = self.path.lstrip("/")
-                with server._lock:
-                    first = name not in server.requested or not server.requested[name].is_set()
-                    server._events(name)[0].set()
-                if first:
-                    server._events(name)[1].wait(60)
-                body = png(color=(30, 120, 60))
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def _events(self, name: str) -> tuple[Any, Any]:
-        import threading
-
-        self.requested.setdefault(name, threading.Event())
-        self.released.setdefault(name, threading.Event())
-        return self.requested[name], self.released[name]
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
-
-    def wait_requested(self, name: str, timeout: float = 120) -> None:
-        with self._lock:
-            ev = self._events(name)[0]
-        assert ev.wait(timeout), f"the worker never asked for {name}"
-
-    def release(self, name: str) -> None:
-        with self._lock:
-            self._events(name)[1].set()
-
-    def close(self) -> None:
-        for ev in self.released.values():
-            ev.set()
-        self.httpd.shutdown()
 
 
 @pytest.fixture

@@ -1,0 +1,182 @@
+"""The embedded server under faults: kill -9 during ingest, many times; a full disk.
+
+Real ``vitrine serve`` subprocesses on a real data dir; the disk is a real (small) tmpfs
+mounted by the test (root, as in CI). Nothing in the product knows it is being tested.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.workers.helpers import worker_env
+
+from .helpers import PhotoServer, copy_seed, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """``vitrine serve`` (embedded: no broker) in its own process group."""
+
+    def __init__(self, data: Path, log: Path) -> None:
+        self.port = _free_port()
+        env = worker_env("unused", data, VITRINE_RETRY_DELAY="0.5",
+                         VITRINE_ALLOW_PRIVATE_URLS="true")  # the test's photo server
+        env.pop("VITRINE_BROKER_URL")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vitrine.cli", "serve", "--port", str(self.port)],
+            cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+        wait_until(self.up, 120, every=0.2)
+
+    def up(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError("vitrine serve exited")
+        try:
+            return self.call("GET", "/health")[0] == 200
+        except OSError:
+            return False
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
+                                     method=method, headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def kill9(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+
+@pytest.fixture
+def server_factory(tmp_path) -> Iterator[Any]:  # type: ignore[no-untyped-def]
+    servers: list[Server] = []
+
+    def make(data: Path) -> Server:
+        s = Server(data, tmp_path / "serve.log")
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.stop()
+
+
+def test_kill9_during_ingest_many_times_loses_nothing(tmp_path, seed_dir, server_factory) -> None:  # type: ignore[no-untyped-def]
+    data = copy_seed(seed_dir, tmp_path / "data")
+    rng = random.Random(7)
+    acked: dict[str, int] = {}  # id -> version of its last acknowledged post
+    n = 0
+    for _ in range(6):
+        server = server_factory(data)
+        deadline = time.monotonic() + rng.uniform(0.5, 3.0)
+        while time.monotonic() < deadline:  # posts (some re-posts) while it indexes
+            lid = f"kk-{rng.randrange(max(1, n // 2 + 1))}" if n % 3 == 0 else f"kk-{n}"
+            code, body = server.call("POST", "/listings",
+                                     {"id": lid, "title": f"Cotton cushion cover {n}"})
+            assert code == 202, body
+            acked[lid] = body["version"]
+            n += 1
+        server.kill9()  # mid-ingest, no snapshot, no clean shutdown
+    server = server_factory(data)
+
+    def final() -> bool:
+        return all(server.call("GET", f"/listings/{lid}")[1].get("status") == "indexed"
+                   for lid in acked)
+
+    wait_until(final, 180, every=0.5)
+    for lid, version in acked.items():
+        st = server.call("GET", f"/listings/{lid}")[1]
+        assert st["version"] == version, (lid, st)  # the last acknowledged post won
+    health = server.call("GET", "/health")[1]
+    assert health["status"] == "ok" and health["pending"] == 0, health
+    assert len(acked) >= 12
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:  # type: ignore[no-untyped-def]
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.fail(f"cannot mount a small tmpfs (CI runs as root): {p.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(path: Path) -> None:
+    """Take every free byte of the filesystem of ``path``."""
+    with path.open("wb", buffering=0) as f:  # unbuffered: close has nothing left to flush
+        for chunk in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    f.write(b"\0" * chunk)
+            except OSError:
+                pass
+
+
+def test_a_full_disk_degrades_health_and_ingest_carries_on_after(small_disk, seed_dir,  # type: ignore[no-untyped-def]
+                                                                 server_factory) -> None:
+    data = copy_seed(seed_dir, small_disk / "data")
+    server = server_factory(data)
+    filler = small_disk / "filler"
+    _fill(filler)
+    code, body = server.call("POST", "/listings", {"id": "df-0", "title": "Glass water bottle"})
+    # refused whole (nothing half-accepted), with the reason, and the server stays up
+    assert code == 503 and "full" in body["detail"].lower(), body
+    assert server.call("GET", "/listings/df-0")[0] == 404
+    filler.unlink()
+    photos = PhotoServer()
+    try:
+        # the photo server holds the consumer inside the round while the disk fills up again
+        code, body = server.call("POST", "/listings", {
+            "id": "df-1", "title": "Steel water bottle", "image_url": photos.url("df-1.png")})
+        assert code == 202, body
+        photos.wait_requested("df-1.png")
+        _fill(filler)
+        photos.release("df-1.png")
+        wait_until(lambda: server.call("GET", "/health")[1]["status"] == "degraded", 60)
+        problems = server.call("GET", "/health")[1]["problems"]
+        assert any("full" in p.lower() for p in problems), problems
+        assert server.call("GET", "/listings/df-1")[1]["status"] == "queued"
+        filler.unlink()
+        wait_until(lambda: server.call("GET", "/listings/df-1")[1]["status"] == "indexed", 90)
+        wait_until(lambda: server.call("GET", "/health")[1]["status"] == "ok", 30)
+    finally:
+        photos.close()
