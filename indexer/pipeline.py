@@ -131,6 +131,7 @@ class Embedded:
     present: dict[str, np.ndarray]
     problems: dict[int, str] = field(default_factory=dict)
     failed: set[int] = field(default_factory=set)  # rows with no usable modality at all
+    photo_errors: dict[int, ImageError] = field(default_factory=dict)  # why a photo was dropped
 
     @staticmethod
     def gather(parts: Sequence[tuple[Sequence[int], Embedded]], n: int) -> Embedded:
@@ -148,6 +149,7 @@ class Embedded:
                 out.present[key][idx] = p.present[key]
             out.problems.update({int(idx[i]): why for i, why in p.problems.items()})
             out.failed.update(int(idx[i]) for i in p.failed)
+            out.photo_errors.update({int(idx[i]): e for i, e in p.photo_errors.items()})
             covered += len(idx)
         assert covered == n, "the pieces must cover every row once"
         return out
@@ -350,6 +352,7 @@ class Vitrine:
         vectors: dict[str, np.ndarray] = {}
         present: dict[str, np.ndarray] = {}
         problems: dict[int, str] = {}
+        photo_errors: dict[int, ImageError] = {}
         has_text = np.array([bool(x.title or x.description) for x in listings], dtype=bool)
         if self.text_spec:
             enc = self.registry.get("text", self.text_spec)
@@ -379,6 +382,7 @@ class Vitrine:
                         im = self._decode(x)
                     except ImageError as e:
                         problems[start + i] = f"photo unusable ({e}); indexed from text only"
+                        photo_errors[start + i] = e
                         continue
                     if im is not None:
                         imgs.append(im)
@@ -396,7 +400,7 @@ class Vitrine:
             problems[i] = problems.get(i, "no text and no usable photo").replace(
                 "; indexed from text only", "; listing has no text either"
             )
-        return Embedded(vectors, present, problems, failed)
+        return Embedded(vectors, present, problems, failed, photo_errors)
 
     def fuse(self, emb: Embedded, *, state: State | None = None) -> np.ndarray:
         fusion = state.fusion if state is not None else self.fusion
@@ -502,9 +506,8 @@ class Vitrine:
             raise InvalidInput("give a text, a photo or a listing id to search with")
         q = Listing(id="query", title=(text or "").strip(), image=image)
         emb = self.embed([q], state=st)
-        if 0 in emb.problems and "image" in emb.vectors and image is not None:
-            if 0 in emb.failed or not (text and text.strip()):
-                raise ImageError(emb.problems[0].split("(", 1)[-1].split(")")[0])
+        if 0 in emb.photo_errors and (0 in emb.failed or not (text and text.strip())):
+            raise emb.photo_errors[0]  # a query by photo whose photo is unusable
         if 0 in emb.failed:
             raise InvalidInput(emb.problems[0])
         return self.fuse(emb, state=st)
