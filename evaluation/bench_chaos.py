@@ -479,24 +479,20 @@ def run_chaos_bench(settings: Settings, data: Path, *, broker_url: str, cycles: 
                 victim.kill9()
                 t_kill = time.monotonic()
                 victim.start()
-                if victim.is_api:
-                    port = ports[apis.index(victim)]
+                port = ports[apis.index(victim)] if victim.is_api else 0
+                how = "health" if victim.is_api else "processed"
 
-                    def recovered(port: int = port, victim: Managed = victim) -> bool:
-                        if not victim.alive():
-                            raise RuntimeError(f"{victim.name} exited:\n{victim.tail()}")
+                def recovered(victim: Managed = victim, port: int = port) -> bool:
+                    if not victim.alive():
+                        raise RuntimeError(f"{victim.name} exited:\n{victim.tail()}")
+                    if victim.is_api:
                         return _health(port) is not None
-                    how = "health"
-                else:
-                    # the pending count falling is no sign: the other worker makes it fall
-                    # alone (seen: "recovered" in 1.5 s, before the new process had even
-                    # loaded its models). The load goes on, so wake-ups reach the new worker.
-                    def recovered(victim: Managed = victim) -> bool:
-                        if not victim.alive():
-                            raise RuntimeError(f"{victim.name} exited:\n{victim.tail()}")
-                        text = victim.log_text()
-                        return "claimed listings" in text or "succeeded in" in text
-                    how = "processed"
+                    # the pending count falling is no sign for a worker: the other one makes
+                    # it fall alone (seen: "recovered" in 1.5 s, before the new process had
+                    # even loaded its models). The load goes on, so wake-ups reach it.
+                    text = victim.log_text()
+                    return "claimed listings" in text or "succeeded in" in text
+
                 ok = _wait(recovered, recovery_timeout, every=0.1)
                 rec = time.monotonic() - t_kill
                 kills.append({"cycle": cycle + 1, "process": victim.name,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import csv as csvmod
+import functools
 import http.client
 import json
 import os
@@ -313,7 +314,7 @@ def run_service_bench(settings: Settings, data: Path, *, broker_url: str, n_inge
             w = start_worker(layout, f"ingest-{tag}")
             warm = [f"warm-{tag}-{i}" for i in range(4)]
             post_all(http_, [body_of(x, lid) for x, lid in zip(seed_part, warm, strict=False)])
-            _wait(lambda warm=warm: all_done(warm), 600, "the worker did not start",
+            _wait(functools.partial(all_done, warm), 600, "the worker did not start",
                   procs=(w, api))
             before = bare()
             same_before = same.run(ingest_part)
@@ -322,7 +323,7 @@ def run_service_bench(settings: Settings, data: Path, *, broker_url: str, n_inge
             t0 = time.perf_counter()
             post_all(http_, bodies)
             t_posted = time.perf_counter() - t0
-            _wait(lambda ids=ids: all_done(ids), 3600, "ingest", procs=(w, api))
+            _wait(functools.partial(all_done, ids), 3600, "ingest", procs=(w, api))
             e2e_s = time.perf_counter() - t0
             same_after = same.run(ingest_part)
             after = bare()
@@ -438,7 +439,7 @@ def run_service_bench(settings: Settings, data: Path, *, broker_url: str, n_inge
         http_.close()
         replica = Replica.open(s, store, registry)
         v = replica.v
-        real_ids = [i for i in v.index.ids() if not i.startswith("warm-")]
+        real_ids = [i for i in v.state().view.ids() if not i.startswith("warm-")]
         _grow(v, size)
         replica.snapshot()  # the API loads it at start; the log position is inside
         api, http_ = start_api()
