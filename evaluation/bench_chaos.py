@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import csv as csvmod
 import http.client
 import json
 import os
@@ -59,7 +58,7 @@ from typing import Any
 
 from indexer.settings import Settings
 
-from .bench_service import Proc, _free_port, delete_prefix
+from .bench_service import Proc, _free_port, delete_prefix, write_seed_csv
 
 GOAL_CYCLES = 10
 
@@ -300,17 +299,6 @@ class Client(threading.Thread):
 
 
 # --- the bench ------------------------------------------------------------------------------
-def _seed_csv(csv: Path, dest: Path, keep: set[str]) -> None:
-    with csv.open(newline="", encoding="utf-8") as f_in, \
-            dest.open("w", newline="", encoding="utf-8") as f_out:
-        reader = csvmod.DictReader(f_in)
-        writer = csvmod.DictWriter(f_out, fieldnames=reader.fieldnames or [])
-        writer.writeheader()
-        for row in reader:
-            if (row.get("uniq_id") or "").strip() in keep:
-                writer.writerow(row)
-
-
 @contextlib.contextmanager
 def _sigterm_unwinds() -> Iterator[None]:
     """SIGTERM raises SystemExit in the main thread, so that the clean-up still runs."""
@@ -409,7 +397,7 @@ def run_chaos_bench(settings: Settings, data: Path, *, broker_url: str, cycles: 
             # --- seed, then two APIs and two workers ------------------------------------------
             t0 = time.monotonic()
             seed_file = work / "seed.csv"
-            _seed_csv(csv, seed_file, seed_ids)
+            write_seed_csv(csv, seed_file, seed_ids)
             registry = ModelRegistry(s)
             _say(seed(s, store, seed_file, csv.parent / "images", registry))
             out["seed_s"] = round(time.monotonic() - t0, 1)

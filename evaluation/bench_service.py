@@ -151,6 +151,18 @@ def _wait(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.0
         time.sleep(every)
 
 
+def write_seed_csv(csv: Path, dest: Path, keep: set[str]) -> None:
+    """A copy of the catalog CSV with only the rows whose ``uniq_id`` is in ``keep``."""
+    with csv.open(newline="", encoding="utf-8") as f_in, \
+            dest.open("w", newline="", encoding="utf-8") as f_out:
+        reader = csvmod.DictReader(f_in)
+        writer = csvmod.DictWriter(f_out, fieldnames=reader.fieldnames or [])
+        writer.writeheader()
+        for row in reader:
+            if (row.get("uniq_id") or "").strip() in keep:
+                writer.writerow(row)
+
+
 def run_service_bench(settings: Settings, data: Path, *, broker_url: str, n_ingest: int = 800,
                       n_kill9: int = 64, size: int = 100_000, queries: int = 500,
                       workers: tuple[str, ...] = ("2x1",), seed_size: int = 0,
@@ -276,14 +288,7 @@ def run_service_bench(settings: Settings, data: Path, *, broker_url: str, n_inge
         # --- seed the shared index (the catalog minus the listings ingested below) -----------
         seed_csv = work / "seed.csv"
         keep = {x.id for x in seed_part}
-        with csv.open(newline="", encoding="utf-8") as f_in, \
-                seed_csv.open("w", newline="", encoding="utf-8") as f_out:
-            reader = csvmod.DictReader(f_in)
-            writer = csvmod.DictWriter(f_out, fieldnames=reader.fieldnames or [])
-            writer.writeheader()
-            for row in reader:
-                if (row.get("uniq_id") or "").strip() in keep:
-                    writer.writerow(row)
+        write_seed_csv(csv, seed_csv, keep)
         t0 = time.perf_counter()
         seed(s, store, seed_csv, csv.parent / "images", registry)
         out["seed_seconds"] = round(time.perf_counter() - t0, 1)
