@@ -824,16 +824,24 @@ class VectorIndex:
 
 
 # --- snapshots ---------------------------------------------------------------------------
-def write_snapshot(root: Path, write: Callable[[Path], None]) -> Path:
+def write_snapshot(root: Path, write: Callable[[Path], None],
+                   supersedes: Callable[[Path | None], bool] | None = None) -> Path | None:
     """Write a snapshot atomically: a crash at any point leaves the last good one readable.
 
     ``write(tmpdir)`` fills a fresh ``.tmp-*`` folder; its files and the folder are fsynced,
     it is renamed to a name no other snapshot had (``snap-<time_ns>-<random>``), and only
     then is the ``CURRENT`` pointer replaced atomically (``os.replace`` of an fsynced file).
-    Everything else under ``root`` (older snapshots, folders a killed writer left behind,
-    published or not) is removed after. Since no name is ever reused, a leftover from a
-    crash can never be in the way of the next write. One writer per ``root`` at a time.
+    Since no name is ever reused, a leftover from a crash can never be in the way of the
+    next write.
+
+    Publishing (the check, the rename, the pointer and the clean-up) runs under an ``flock``
+    of ``root/.publish.lock``, so that two writers (say, one whose lease expired while it
+    wrote) cannot interleave: ``supersedes(current)`` is asked, under that lock, whether the
+    new snapshot may replace the published one (None: always); if not, nothing is published
+    and None is returned. The clean-up removes only what ``CURRENT`` does not name.
     """
+    import fcntl
+
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
@@ -841,25 +849,41 @@ def write_snapshot(root: Path, write: Callable[[Path], None]) -> Path:
         for f in sorted(tmp.rglob("*")):
             _fsync(f)
         _fsync(tmp)
-        final = root / f"snap-{time.time_ns()}-{secrets.token_hex(4)}"
-        os.rename(tmp, final)
-        _fsync(root)
-        pointer = root / f".{CURRENT}-{secrets.token_hex(4)}.tmp"
-        pointer.write_text(final.name)
-        _fsync(pointer)
-        os.replace(pointer, root / CURRENT)
-        _fsync(root)
+        with (root / ".publish.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if supersedes is not None and not supersedes(current_snapshot(root)):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return None
+            final = root / f"snap-{time.time_ns()}-{secrets.token_hex(4)}"
+            os.rename(tmp, final)
+            _fsync(root)
+            pointer = root / f".{CURRENT}-{secrets.token_hex(4)}.tmp"
+            pointer.write_text(final.name)
+            _fsync(pointer)
+            os.replace(pointer, root / CURRENT)
+            _fsync(root)
+            for old in sorted(root.iterdir()):
+                if old.name in (final.name, CURRENT, ".publish.lock"):
+                    continue
+                if old.name.startswith("snap-"):
+                    shutil.rmtree(old, ignore_errors=True)
+                elif old.name.startswith(".tmp-") and _older_than(old, 3600):
+                    # another writer may be filling its own .tmp- folder right now: only
+                    # what a killed writer left behind long ago goes
+                    shutil.rmtree(old, ignore_errors=True)
+                elif old.name.startswith(f".{CURRENT}"):
+                    old.unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in sorted(root.iterdir()):
-        if old.name == final.name or old.name == CURRENT:
-            continue
-        if old.name.startswith(("snap-", ".tmp-")):
-            shutil.rmtree(old, ignore_errors=True)
-        elif old.name.startswith(f".{CURRENT}"):
-            old.unlink(missing_ok=True)
     return final
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except FileNotFoundError:
+        return False
 
 
 def current_snapshot(root: Path) -> Path | None:

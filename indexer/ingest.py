@@ -108,7 +108,10 @@ class Ingestor:
         self._vitrine = vitrine  # the replica's current Vitrine (it changes on reload)
         self.fetch = fetch
 
-    def run(self, limit: int | None = None) -> Round:
+    def run(self, limit: int | None = None, *,
+            interrupts: tuple[type[BaseException], ...] = ()) -> Round:
+        """One round. ``interrupts``: exceptions that stop the round without being the
+        listings' fault (a task's time limit): the events go back untried, and it re-raises."""
         s = self.settings
         claimed = self.store.claim(limit or s.worker_batch, s.lease_seconds, s.max_attempts)
         committed = list(claimed.given_up)
@@ -127,6 +130,9 @@ class Ingestor:
             outcomes = self._decide(events, batch)
         except StoreUnavailable:
             raise
+        except interrupts:
+            self.store.release(events, refund=True)
+            raise
         except Exception:
             if len(events) == 1:
                 log.exception("indexing listing %r failed", events[0].id)
@@ -134,11 +140,17 @@ class Ingestor:
                 return Round(committed, 1, 1)
             log.exception("indexing a batch of %d listings failed; retrying them one by one",
                           len(events))
-            outcomes, retry = [], []
-            for e in events:
+            outcomes = []
+            retry: list[Event] = []
+            for i, e in enumerate(events):
                 try:
                     outcomes += self._decide([e], batch)
                 except StoreUnavailable:
+                    raise
+                except interrupts:
+                    self.store.release(events[i:], refund=True)
+                    self.store.release(retry, delay_s=s.retry_delay)
+                    self.store.commit(outcomes)
                     raise
                 except Exception:
                     log.exception("indexing listing %r failed", e.id)

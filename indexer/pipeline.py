@@ -591,12 +591,14 @@ class Vitrine:
         return out
 
     # --- persistence ----------------------------------------------------------------------
-    def save(self, root: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    def save(self, root: str | Path, extra: dict[str, Any] | None = None,
+             supersedes: Callable[[Path | None], bool] | None = None) -> Path | None:
         """Write an atomic snapshot under ``root`` (see :func:`indexer.index.write_snapshot`).
 
         ``extra`` (JSON) is stored in the same snapshot, e.g. the replication log position the
         snapshot includes, so that the two can never disagree; :meth:`load` reads it back
-        into :attr:`extra`.
+        into :attr:`extra`. ``supersedes`` may refuse to replace the published snapshot
+        (None is then returned).
         """
         st = self.state()
 
@@ -608,7 +610,7 @@ class Vitrine:
             with (d / "fusion.pkl").open("wb") as f:
                 pickle.dump({"fusion": st.fusion, "lexical": st.lexical}, f)
 
-        return write_snapshot(Path(root), write)
+        return write_snapshot(Path(root), write, supersedes)
 
     @classmethod
     def load(
@@ -635,7 +637,8 @@ class Vitrine:
                 continue
             self.extra, self.snapshot = extra, snap
             return self
-        raise NotFound(f"the snapshot in {root} kept changing while it was read")
+        # not NotFound: there is a snapshot, and an empty index must not be taken for it
+        raise IndexMismatch(f"the snapshot in {root} kept changing while it was read")
 
     def _read(self, snap: Path, root: Path) -> None:
         manifest = json.loads((snap / "manifest.json").read_text())

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from .errors import IndexMismatch, NotFound
-from .index import current_snapshot
+from .index import CURRENT, current_snapshot
 from .pipeline import ListingMeta, Vitrine
 from .settings import Settings
 from .state import LogEntry, StateStore, StoreUnavailable
@@ -70,6 +70,11 @@ class Replica:
     def root(self) -> Path:
         return self.settings.data_dir / "index"
 
+    @property
+    def dim(self) -> int:
+        fusion = self.v.state().fusion
+        return fusion.dim if fusion is not None else -1
+
     @classmethod
     def open(cls, settings: Settings, store: StateStore, registry: Any = None) -> Replica:
         self = cls(settings, store, _load(settings, registry))
@@ -82,15 +87,29 @@ class Replica:
         upserts: dict[str, tuple[str, np.ndarray, ListingMeta]] = {}
         deletes: set[str] = set()
         changed: dict[str, int] = {}
+        applied = 0
         for pos, e in batch:
+            applied += 1
             op = e.get("op")
             if op == "reload":
-                self._publish(upserts, deletes, changed, pos)
+                # a new base snapshot (a seed): what follows is read again, after it
+                self._publish(upserts, deletes, changed, self.pos)
                 self._reload()
-                continue
+                with self._cond:
+                    # entries before the reload were built for the layout it replaced
+                    self.pos = max(self.pos, pos)
+                batch = []
+                break
             lid, version = e["id"], int(e["version"])
             if version <= changed.get(lid, self.versions.get(lid, -1)):
                 continue  # a newer write of this listing is already here
+            if op == "upsert" and len(e["vec"]) != self.dim:
+                # built against another fusion layout (a seed replaced it meanwhile): it
+                # cannot go in this index, and must not wedge every entry behind it
+                self.last_error = (f"log entry {pos} for {lid!r} has a vector of "
+                                   f"{len(e['vec'])} dimensions, the index {self.dim}: skipped")
+                log.error(self.last_error)
+                continue
             changed[lid] = version
             if op == "upsert":
                 deletes.discard(lid)
@@ -105,8 +124,8 @@ class Replica:
         if batch:
             self._publish(upserts, deletes, changed, batch[-1][0])
         with self._cond:
-            self.applied += len(batch)
-            self._since_snapshot += len(batch)
+            self.applied += applied
+            self._since_snapshot += applied
 
     def _publish(self, upserts: dict[str, tuple[str, np.ndarray, ListingMeta]],
                  deletes: set[str], changed: dict[str, int], pos: int) -> None:
@@ -130,6 +149,7 @@ class Replica:
             self.v = fresh
             self.versions = {k: int(x) for k, x in extra.get("versions", {}).items()}
             self.pos = int(extra.get("log_pos", 0))
+            self._cond.notify_all()
         log.info("loaded the published snapshot (log position %d)", self.pos)
 
     def catch_up(self, block_ms: int = 0) -> int:
@@ -251,12 +271,22 @@ class Replica:
             return False  # another process is writing one
         try:
             self.catch_up()  # never publish a state that misses committed entries
-            if self.pos < max(_published_pos(self.root), self.store.trimmed_upto()):
-                return False  # the published snapshot is ahead of us
             pos = self.pos
-            self.v.save(self.root, {"log_pos": pos, "versions": self.versions})
+            if pos < max(_published_pos(self.root), self.store.trimmed_upto()):
+                return False  # the published snapshot is ahead of us
+
+            def supersedes(current: Path | None) -> bool:
+                # under the publish lock: never replace a snapshot that holds more
+                return _published_pos(self.root) < pos if current is not None else True
+
+            if not self.store.lease(SNAPSHOT_LEASE, self._owner, ttl):
+                return False  # the lease expired while we caught up: someone else writes
+            if self.v.save(self.root, {"log_pos": pos, "versions": self.versions},
+                           supersedes) is None:
+                return False
             self._since_snapshot = 0
-            self.store.trim(pos)
+            # trim only up to what the published snapshot holds (a newer one may be there)
+            self.store.trim(min(pos, max(_published_pos(self.root), 0)))
             return True
         finally:
             self.store.unlease(SNAPSHOT_LEASE, self._owner)
@@ -272,9 +302,14 @@ def _published_pos(root: Path) -> int:
 
 
 def _load(settings: Settings, registry: Any) -> Vitrine:
+    root = settings.data_dir / "index"
     try:
-        return Vitrine.load(settings.data_dir / "index", settings, registry)
+        return Vitrine.load(root, settings, registry)
     except NotFound:
+        if (root / CURRENT).exists():
+            # a snapshot was published but its folder is gone: starting empty would pass
+            # off an empty index (and a trimmed log) as the state
+            raise IndexMismatch(f"{root / CURRENT} names a snapshot that is missing") from None
         v = Vitrine(settings, registry)
         v.create_empty()
         v.extra = {}

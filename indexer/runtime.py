@@ -69,6 +69,7 @@ class Runtime:
         self._consumer: threading.Thread | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._stopped = False
 
     @property
     def mode(self) -> str:
@@ -91,6 +92,9 @@ class Runtime:
 
     def stop(self) -> None:
         """Finish the round in hand, stop tailing, snapshot, close. Safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._stop.set()
         self._wake.set()
         if self._consumer is not None:
@@ -188,8 +192,14 @@ def seed(settings: Settings, store: StateStore, catalog: Path, images: Path | No
         raise VitrineError(f"no usable listing in {catalog}")
     v = Vitrine(settings, registry)
     v.build(listings)
-    v.save(root, {"log_pos": store.last_pos(), "versions": {}})
-    store.append([{"op": "reload"}])
+    v.save(root, {"log_pos": 0, "versions": {}})
+    [pos] = store.append([{"op": "reload"}])
+    if pos != 1:
+        # Seeding is meant for a service that has accepted nothing yet (`vitrine serve
+        # --catalog` seeds before it serves). Listings indexed while the catalog was being
+        # built were embedded for the empty index's layout and cannot join the new one.
+        log.error("%d log entries were written while seeding; their listings must be posted "
+                  "again", pos - 1)
     ids = {x.id for x in listings}
     refused = [b for b in bad if b.id not in ids]
     notes = [f"{len(refused)} rows refused"] if refused else []

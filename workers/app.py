@@ -35,6 +35,7 @@ import time
 from typing import Any
 
 from celery import Celery, signals
+from celery.exceptions import SoftTimeLimitExceeded
 
 from indexer.runtime import INGEST_TASK, Runtime, celery_conf, queue_name
 from indexer.settings import Settings, get_settings
@@ -90,9 +91,12 @@ class _Process:
             rt = Runtime(s.model_copy(update={"torch_threads": threads}))
             rt.start(consume=False)
             self.runtime = rt
-        except BaseException as e:  # the task reports it; the process stays up
+        except BaseException as e:
             self.error = e
-            log.exception("the worker runtime could not start")
+            log.exception("the worker runtime could not start; this process exits")
+            # a child that cannot ingest must not take tasks: Celery replaces it, and the
+            # next one tries again (a broker blip at start-up) or fails as loudly
+            os._exit(1)
         finally:
             self.ready.set()
 
@@ -121,7 +125,8 @@ def register_tasks(app: Celery) -> None:
                         raise self.retry(countdown=min(wait, s.lease_seconds) + 0.5)
                 share = fair_share(s.worker_batch, rt.store.pending_count(),
                                    s.worker_concurrency)
-                r = rt.ingestor.run(share)
+                # the soft time limit is the task's, not the listings': they go back untried
+                r = rt.ingestor.run(share, interrupts=(SoftTimeLimitExceeded,))
                 if r.claimed:
                     log.info("indexed %d of %d claimed listings", len(r.committed), r.claimed)
                 elif lid is None:

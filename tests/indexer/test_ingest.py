@@ -173,3 +173,30 @@ def test_a_stale_snapshot_is_never_published_over_a_newer_one(rt, registry) -> N
     # `behind` catches up (through a reload: the log was trimmed) before it may publish
     assert behind.snapshot()
     assert behind.pos == rt.replica.pos and behind.digest() == rt.replica.digest()
+
+
+def test_a_running_replica_follows_a_seed_once(tmp_path, settings, registry, small_catalog) -> None:  # type: ignore[no-untyped-def]
+    from evaluation.bench_service import write_seed_csv
+    from indexer.runtime import seed
+    from indexer.state.sqlite_store import SqliteStore
+    from tests.conftest import CSV
+
+    s = settings.model_copy(update={"data_dir": tmp_path / "data", "broker_url": None})
+    store = SqliteStore.open(s.data_dir)
+    try:
+        early = Replica.open(s, store, registry)  # started before the catalog was seeded
+        assert len(early.v) == 0
+        csv = tmp_path / "catalog.csv"
+        write_seed_csv(CSV, csv, {x.id for x in small_catalog[::10]})
+        (tmp_path / "images").symlink_to(CSV.parent / "images")
+        assert "seeded the index with 28 listings" in seed(s, store, csv, registry=registry)
+        assert "ignored" in seed(s, store, csv, registry=registry)  # once only
+        early.catch_up()
+        assert len(early.v) == 28 and early.pos == store.last_pos() == 1
+        applied = early.applied
+        early.catch_up()  # the reload entry is behind it now: no reload loop
+        assert early.applied == applied and len(early.v) == 28
+        late = Replica.open(s, store, registry)  # started after: snapshot + the same entry
+        assert late.digest() == early.digest() and len(late.v) == 28
+    finally:
+        store.close()

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,9 @@ def write_generation(root: Path, generation: int) -> Path:
         index.write(d)
         (d / "extra.json").write_text(json.dumps({"generation": generation}))
 
-    return write_snapshot(root, write)
+    final = write_snapshot(root, write)
+    assert final is not None
+    return final
 
 
 def run_child(script: Path, root: Path, kill_at: int, generation: int):
@@ -113,7 +116,28 @@ def test_a_kill_at_any_step_leaves_the_last_snapshot_and_the_next_write_works(tm
         expected = before + 1 if kill_at > published else before
         assert loaded_generation(root) == expected, f"killed at {trace[kill_at - 1]}"
         generation = expected + 1
+        # the killed writer's unfinished folder: kept while it could be another live
+        # writer's, removed once it is old (made old here rather than waited for)
+        for p in root.glob(".tmp-*"):
+            os.utime(p, (time.time() - 7200, time.time() - 7200))
         final = write_generation(root, generation)
         assert current_snapshot(root) == final and loaded_generation(root) == generation
         # whatever the killed writer left behind is gone once a write succeeded
-        assert sorted(p.name for p in root.iterdir()) == sorted([final.name, "CURRENT"])
+        assert sorted(p.name for p in root.iterdir() if p.name != ".publish.lock") == sorted(
+            [final.name, "CURRENT"])
+
+
+def test_a_snapshot_refused_by_its_guard_changes_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Two writers (one whose lease expired): the one holding less must not publish."""
+    root = tmp_path / "index"
+    first = write_generation(root, 5)
+    seen: list[Path | None] = []
+
+    def holds_more(current: Path | None) -> bool:
+        seen.append(current)
+        return loaded_generation(root) < 3  # we would publish generation 3: older
+
+    assert write_snapshot(root, lambda d: None, holds_more) is None
+    assert seen == [first] and current_snapshot(root) == first
+    assert loaded_generation(root) == 5
+    assert not list(root.glob(".tmp-*"))  # the refused folder is gone
