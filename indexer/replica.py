@@ -56,6 +56,7 @@ class Replica:
         self.versions: dict[str, int] = {k: int(x) for k, x in extra.get("versions", {}).items()}
         self.applied = 0
         self.last_error: str | None = None
+        self.skipped = 0  # log entries built for another fusion layout (see apply)
         self.last_snapshot_error: str | None = None
         self._since_snapshot = 0
         self._last_snapshot = time.monotonic()
@@ -106,9 +107,9 @@ class Replica:
             if op == "upsert" and len(e["vec"]) != self.dim:
                 # built against another fusion layout (a seed replaced it meanwhile): it
                 # cannot go in this index, and must not wedge every entry behind it
-                self.last_error = (f"log entry {pos} for {lid!r} has a vector of "
-                                   f"{len(e['vec'])} dimensions, the index {self.dim}: skipped")
-                log.error(self.last_error)
+                self.skipped += 1
+                log.error("log entry %d for %r has a vector of %d dimensions, the index %d: "
+                          "skipped", pos, lid, len(e["vec"]), self.dim)
                 continue
             changed[lid] = version
             if op == "upsert":

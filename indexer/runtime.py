@@ -164,6 +164,9 @@ class Runtime:
             out.append("the replica stopped tailing the log")
         if self.replica.last_error:
             out.append(f"replication: {self.replica.last_error}")
+        if self.replica.skipped:
+            out.append(f"{self.replica.skipped} log entries were built for another index layout "
+                       "(written while a catalog was seeded) and skipped: post them again")
         if self.replica.last_snapshot_error:
             out.append(f"snapshot: {self.replica.last_snapshot_error}")
         if self._consumer is not None and not self._consumer.is_alive():

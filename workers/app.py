@@ -1,20 +1,21 @@
 """The Celery app: ingestion tasks on Redis, a thin caller of :class:`indexer.ingest.Ingestor`.
 
 **The store is the queue of record, the Celery message a wake-up.** ``POST /listings``
-records the listing as a pending event in the state store (Redis) and then sends one
-``vitrine.ingest(id, version)`` message. The task asserts the world itself (Celery's task
-guide): it asks the store whether its event is still pending, and if so runs ingest rounds
-(claim a batch of up to ``VITRINE_WORKER_BATCH`` pending events — its own and whatever else
-waits, oldest first —, embed, vote, commit) until its event is no longer claimable. So:
+records the listing as a pending event in the state store (Redis) and then wakes the workers
+with a ``vitrine.ingest`` message (coalesced: services/queue.py). The task drains: it runs
+ingest rounds (claim a batch of pending events, oldest first, embed, vote, commit) until
+nothing is claimable. So:
 
-* **batching** needs nothing from the transport: a round claims from the store;
+* **batching** needs nothing from the transport: a round claims from the store, a fair
+  share of what is pending (so a burst spreads over every process);
 * **kill -9** anywhere loses nothing: a claimed event is leased; if its worker dies the lease
   expires (``VITRINE_LEASE_SECONDS``) and the next round anywhere claims it again. The task's
   own message is ``acks_late`` + ``reject_on_worker_lost``, so it comes back too;
 * **a message that is lost** (kombu's Redis transport pops a message and records it as
   unacknowledged in two steps; an API process can die between accept and send) loses
-  nothing either: every worker process sweeps every ``lease_seconds / 2`` (one at a time,
-  a store lease) and sends a wake-up when events are pending;
+  nothing either: every worker process sweeps every ``min(lease_seconds / 2, 5)`` seconds
+  (one at a time, a store lease) and sends a wake-up while events are pending. The sweep is
+  also what picks up the listings of a round that died, once their lease has expired;
 * **attempts are counted** by the claim: a listing whose rounds raise, or that kills its
   worker, ``VITRINE_MAX_ATTEMPTS`` times ends ``failed`` with the reason, never looping;
 * **duplicates are harmless**: an outcome commits only if its version is still the latest.
@@ -111,31 +112,24 @@ class _Process:
 def register_tasks(app: Celery) -> None:
     @app.task(name=INGEST_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
               max_retries=None)
-    def ingest(self: Any, lid: str | None = None, version: int | None = None) -> str:
-        """Ingest until ``(lid, version)`` is final; with no id, drain what is claimable."""
+    def ingest(self: Any) -> str:
+        """Ingest rounds until nothing is claimable (then the next message may come in)."""
         rt = app.conf.vitrine.get()
         s = rt.settings
         try:
             for _ in range(MAX_ROUNDS):
-                if lid is not None and version is not None:
-                    wait = rt.store.is_pending(lid, version)
-                    if wait is None:
-                        return "done"
-                    if wait > 0:  # leased by a live round elsewhere, or delayed: look later
-                        raise self.retry(countdown=min(wait, s.lease_seconds) + 0.5)
                 share = fair_share(s.worker_batch, rt.store.pending_count(),
                                    s.worker_concurrency)
                 # the soft time limit is the task's, not the listings': they go back untried
                 r = rt.ingestor.run(share, interrupts=(SoftTimeLimitExceeded,))
-                if r.claimed:
-                    log.info("indexed %d of %d claimed listings", len(r.committed), r.claimed)
-                elif lid is None:
+                if not r.claimed and not r.committed:
                     return "drained"
+                log.info("indexed %d of %d claimed listings", len(r.committed), r.claimed)
         except StoreUnavailable as e:
-            # the broker is Redis too: the leases expire and the events come back; retry
-            # this wake-up later rather than spin (Celery's own countdown, not a requeue loop)
+            # the leases expire and the listings come back by themselves; look again later
+            # (Celery's own countdown, not a requeue loop)
             raise self.retry(exc=e, countdown=5) from e
-        raise self.retry(countdown=0)
+        raise self.retry(countdown=0)  # more to do: let the other messages in between
 
 
 def fair_share(batch: int, pending: int, processes: int) -> int:
@@ -146,7 +140,8 @@ def fair_share(batch: int, pending: int, processes: int) -> int:
 def _sweeper(app: Celery) -> None:
     """Send a drain wake-up while events are pending, whatever happened to their messages."""
     proc: _Process = app.conf.vitrine
-    every = max(1.0, proc.settings.lease_seconds / 2)
+    # bounds how long a listing whose round died waits after its lease expired
+    every = max(1.0, min(5.0, proc.settings.lease_seconds / 2))
 
     def loop() -> None:
         proc.ready.wait()
