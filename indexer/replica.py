@@ -273,8 +273,11 @@ class Replica:
         try:
             self.catch_up()  # never publish a state that misses committed entries
             pos = self.pos
-            if pos < max(_published_pos(self.root), self.store.trimmed_upto()):
-                return False  # the published snapshot is ahead of us
+            if pos <= max(_published_pos(self.root), self.store.trimmed_upto()):
+                # the published snapshot already holds all we hold (or more): another
+                # process wrote it, and one more copy of the same state is only disk work
+                self._since_snapshot = 0
+                return False
 
             def supersedes(current: Path | None) -> bool:
                 # under the publish lock: never replace a snapshot that holds more

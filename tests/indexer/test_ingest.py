@@ -173,6 +173,11 @@ def test_a_stale_snapshot_is_never_published_over_a_newer_one(rt, registry) -> N
     # `behind` catches up (through a reload: the log was trimmed) before it may publish
     assert behind.snapshot()
     assert behind.pos == rt.replica.pos and behind.digest() == rt.replica.digest()
+    # a process holding nothing the published snapshot lacks writes no copy of it
+    root = rt.settings.data_dir / "index"
+    published = sorted(p.name for p in root.glob("snap-*"))
+    assert not rt.replica.snapshot()
+    assert sorted(p.name for p in root.glob("snap-*")) == published
 
 
 def test_a_running_replica_follows_a_seed_once(tmp_path, settings, registry, small_catalog) -> None:  # type: ignore[no-untyped-def]
