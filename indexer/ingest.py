@@ -121,11 +121,11 @@ class Ingestor:
             return Round(committed, 0, 0)
         batch = uuid.uuid4().hex[:12]
         events = claimed.events
-        suspects = [e for e in events if e.attempts > 1]
-        if suspects and len(events) > 1:
-            alone = suspects[0]
-            self.store.release([e for e in events if e is not alone], refund=True)
-            events = [alone]
+        suspect = next((e for e in events if e.attempts > 1), None)
+        if suspect is not None and len(events) > 1:
+            self.store.release([e for e in events if e is not suspect], refund=True)
+            events = [suspect]
+        retry: list[Event] = []
         try:
             outcomes = self._decide(events, batch)
         except StoreUnavailable:
@@ -136,32 +136,37 @@ class Ingestor:
         except Exception:
             if len(events) == 1:
                 log.exception("indexing listing %r failed", events[0].id)
-                self.store.release(events, delay_s=s.retry_delay)
-                return Round(committed, 1, 1)
-            log.exception("indexing a batch of %d listings failed; retrying them one by one",
-                          len(events))
-            outcomes = []
-            retry: list[Event] = []
-            for i, e in enumerate(events):
-                try:
-                    outcomes += self._decide([e], batch)
-                except StoreUnavailable:
-                    raise
-                except interrupts:
-                    self.store.release(events[i:], refund=True)
-                    self.store.release(retry, delay_s=s.retry_delay)
-                    self.store.commit(outcomes)
-                    raise
-                except Exception:
-                    log.exception("indexing listing %r failed", e.id)
-                    retry.append(e)
+                outcomes, retry = [], events
+            else:
+                log.exception("indexing a batch of %d listings failed; retrying them one by "
+                              "one", len(events))
+                outcomes, retry = self._one_by_one(events, batch, interrupts)
+        if retry:
             self.store.release(retry, delay_s=s.retry_delay)
-            ok = self.store.commit(outcomes)
-            return Round(committed + [o for o, c in zip(outcomes, ok, strict=True) if c],
-                         len(retry), len(events))
-        ok = self.store.commit(outcomes)
-        return Round(committed + [o for o, c in zip(outcomes, ok, strict=True) if c], 0,
-                     len(events))
+        ok = self.store.commit(outcomes) if outcomes else []
+        return Round(committed + [o for o, c in zip(outcomes, ok, strict=True) if c],
+                     len(retry), len(events))
+
+    def _one_by_one(self, events: Sequence[Event], batch: str,
+                    interrupts: tuple[type[BaseException], ...]
+                    ) -> tuple[list[Outcome], list[Event]]:
+        """Each event alone: (outcomes of those that went through, those that raised)."""
+        outcomes: list[Outcome] = []
+        retry: list[Event] = []
+        for i, e in enumerate(events):
+            try:
+                outcomes += self._decide([e], batch)
+            except StoreUnavailable:
+                raise
+            except interrupts:
+                self.store.release(events[i:], refund=True)
+                self.store.release(retry, delay_s=self.settings.retry_delay)
+                self.store.commit(outcomes)
+                raise
+            except Exception:
+                log.exception("indexing listing %r failed", e.id)
+                retry.append(e)
+        return outcomes, retry
 
     def _decide(self, events: Sequence[Event], batch: str) -> list[Outcome]:
         photos: list[bytes | None] = []

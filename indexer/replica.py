@@ -186,11 +186,6 @@ class Replica:
                 f"snapshot holds only up to {self.pos}"
             )
 
-    def wait_for(self, pos: int, timeout: float = 5.0) -> bool:
-        """Block until the log entry at ``pos`` is applied here."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self.pos >= pos, timeout)
-
     def wait_version(self, lid: str, version: int, timeout: float = 1.0) -> bool:
         """Block until this replica holds ``lid`` at ``version`` or newer."""
         with self._cond:

@@ -8,7 +8,7 @@ in embedded mode (no broker) :meth:`Runtime.start` runs the same ingestor in a t
 Two modes, chosen by ``VITRINE_BROKER_URL`` (see :func:`indexer.state.open_store`):
 
 * **redis**: statuses, pending listings and the log live in Redis, shared by any number of
-  API and worker processes; the API wakes workers with a Celery message per listing;
+  API and worker processes; the API wakes workers with Celery messages (services/queue.py);
 * **embedded**: the same in one SQLite file in the data dir, which one process owns.
 """
 

@@ -37,11 +37,7 @@ def register(sub: argparse._SubParsersAction, bench_sub: object = None) -> None:
             help="through Redis + Celery workers: ingest throughput vs bare encoders, kill -9 "
                  "losses, POST /search latency over HTTP",
         )
-        p.add_argument("--data", type=Path, required=True, help="folder with the Flipkart CSV")
-        p.add_argument("--broker", default=None,
-                       help="Redis URL (default: VITRINE_BROKER_URL, else "
-                            "redis://127.0.0.1:6379/0); keys live under a fresh prefix and "
-                            "are deleted afterwards")
+        _add_redis_bench_flags(p)
         p.add_argument("--ingest", type=int, default=800,
                        help="listings ingested end to end (default 800: a sustained run of "
                             "~15 s; a short burst mostly measures its ramp and its tail)")
@@ -73,11 +69,7 @@ def register(sub: argparse._SubParsersAction, bench_sub: object = None) -> None:
                  "SIGKILL per cycle: lost / stale / resurrected writes, recovery times",
         )
         p.add_argument("--cycles", type=int, default=10, help="kills, one per cycle (default 10)")
-        p.add_argument("--data", type=Path, required=True, help="folder with the Flipkart CSV")
-        p.add_argument("--broker", default=None,
-                       help="Redis URL (default: VITRINE_BROKER_URL, else "
-                            "redis://127.0.0.1:6379/0); keys live under a fresh prefix and "
-                            "are deleted afterwards")
+        _add_redis_bench_flags(p)
         p.add_argument("--seed-per-category", type=int, default=10,
                        help="catalog listings per category in the seeded index (default 10)")
         p.add_argument("--clients", type=int, default=3, help="load threads (default 3)")
@@ -163,13 +155,29 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_service(args: argparse.Namespace) -> int:
+def _add_redis_bench_flags(p: argparse.ArgumentParser) -> None:
+    """The flags the benchmarks on a real Redis share."""
+    p.add_argument("--data", type=Path, required=True, help="folder with the Flipkart CSV")
+    p.add_argument("--broker", default=None,
+                   help="Redis URL (default: VITRINE_BROKER_URL, else "
+                        "redis://127.0.0.1:6379/0); keys live under a fresh prefix and "
+                        "are deleted afterwards")
+
+
+def _emit(result: dict[str, object], out: Path | None) -> None:
     import json
+
+    from .common import print_json
+
+    print_json(result)
+    if out:
+        out.write_text(json.dumps(result, indent=2, default=float))
+
+
+def cmd_bench_service(args: argparse.Namespace) -> int:
     import tempfile
 
     from evaluation.bench_service import run_service_bench
-
-    from .common import print_json
 
     with tempfile.TemporaryDirectory(prefix="vitrine-bench-") as tmp:
         settings = settings_from_args(args, data_dir=Path(tmp))
@@ -181,19 +189,14 @@ def cmd_bench_service(args: argparse.Namespace) -> int:
             visibility_timeout=args.visibility_timeout, lease_seconds=args.lease_seconds,
             logs=args.logs,
         )
-    print_json(result)
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2, default=float))
+    _emit(result, args.out)
     return 0
 
 
 def cmd_bench_chaos(args: argparse.Namespace) -> int:
-    import json
     import tempfile
 
     from evaluation.bench_chaos import run_chaos_bench
-
-    from .common import print_json
 
     with tempfile.TemporaryDirectory(prefix="vitrine-chaos-") as tmp:
         settings = settings_from_args(args, data_dir=Path(tmp))
@@ -205,8 +208,6 @@ def cmd_bench_chaos(args: argparse.Namespace) -> int:
             max_attempts=args.max_attempts, photo_share=args.photo_share,
             agree_timeout=args.agree_timeout, random_seed=args.random_seed, logs=args.logs,
         )
-    print_json(result)
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2, default=float))
+    _emit(result, args.out)
     # non-zero when a write was lost, served stale or resurrected
     return 1 if result["lost"] or result["stale"] or result["resurrected"] else 0
