@@ -1,8 +1,10 @@
 # One image for the API and the workers; the command picks the role (see docker-compose.yml).
 FROM python:3.11-slim
 
+# production: the API refuses to start without VITRINE_API_KEY and serves no /docs unless
+# VITRINE_DOCS=true (it listens on 0.0.0.0 inside the container, so it must be closed by default)
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    VITRINE_DATA_DIR=/data
+    VITRINE_DATA_DIR=/data VITRINE_ENVIRONMENT=production
 WORKDIR /app
 
 # CPU-only torch wheels: the CUDA ones are several GB and unused here

@@ -138,8 +138,12 @@ def load_images(listings: list[Listing], progress: bool) -> list[Any]:
             im = None
             if x.image is not None:
                 try:
-                    raw = x.image if isinstance(x.image, bytes) else read_image_bytes(x.image)
-                    im = decode_image(raw)
+                    if isinstance(x.image, str | Path):
+                        im = decode_image(read_image_bytes(x.image))
+                    elif isinstance(x.image, bytes):
+                        im = decode_image(x.image)
+                    else:  # already decoded
+                        im = x.image.copy()
                     im.thumbnail((384, 384))
                 except Exception as e:  # noqa: BLE001 - a bad photo is reported, not fatal
                     log.warning("photo of %s unusable: %s", x.id, e)
@@ -148,11 +152,9 @@ def load_images(listings: list[Listing], progress: bool) -> list[Any]:
     return out
 
 
-def _image_name(image: str | Path | bytes | None) -> str:
-    """The photo's file name; "" when there is none or it is raw bytes."""
-    if not image or isinstance(image, bytes):
-        return ""
-    return Path(image).name
+def _image_name(image: object) -> str:
+    """The photo's file name; "" when there is none or it is not a file."""
+    return Path(image).name if isinstance(image, str | Path) and image else ""
 
 
 def _blank_like(images: list[Any]) -> list[Any]:

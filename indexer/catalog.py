@@ -21,26 +21,32 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import InvalidInput
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as Photo
 
 MAX_TITLE_CHARS = 1_000
 MAX_DESCRIPTION_CHARS = 50_000
 MAX_ID_CHARS = 200
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$")
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$"
+_ID_RE = re.compile(ID_PATTERN)
 
 
 @dataclass(slots=True)
 class Listing:
     """A marketplace listing: the seller's text, an optional photo and optional category.
 
-    ``image`` is a path (str/Path) to a photo file, raw photo bytes, or None.
+    ``image`` is a path (str/Path) to a photo file, raw photo bytes, a photo already decoded
+    by :func:`indexer.images.decode_image` (a ``PIL.Image``, not decoded again), or None.
     """
 
     id: str
     title: str
     description: str = ""
-    image: str | Path | bytes | None = None
+    image: str | Path | bytes | Photo | None = None
     category: str | None = None
     category_path: tuple[str, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
@@ -80,7 +86,7 @@ def make_listing(
     listing_id: object,
     title: object,
     description: object = "",
-    image: str | Path | bytes | None = None,
+    image: str | Path | bytes | Photo | None = None,
     category: object = None,
     category_path: Iterable[str] = (),
 ) -> Listing:

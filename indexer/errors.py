@@ -11,12 +11,24 @@ class InvalidInput(VitrineError):
     """A listing, query or file the caller sent is not acceptable (a 4xx, a bad CSV row)."""
 
 
+class PayloadTooLarge(InvalidInput):
+    """A request body or photo over its size limit (HTTP 413)."""
+
+
 class ImageError(InvalidInput):
     """A photo that cannot be used: missing, empty, corrupt, truncated, too large, a bomb."""
 
 
-class ImageTooLarge(ImageError):
-    """A photo over the configured byte limit (HTTP 413)."""
+class ImageTooLarge(ImageError, PayloadTooLarge):
+    """A photo over the configured byte limit."""
+
+
+class Overloaded(VitrineError):
+    """Too much accepted work not done yet: the caller should retry after ``retry_after`` s."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ModelSpecError(VitrineError):

@@ -24,7 +24,9 @@ gain over plain concatenation comes from.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -103,3 +105,43 @@ class Fusion:
 
     def describe(self) -> list[dict[str, object]]:
         return [b.to_json() for b in self.blocks]
+
+    # --- fitted state as data (an index snapshot stores it; no pickle) -------------------
+    def to_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The layout as JSON-able data and the centring means as arrays (``mean_<name>``)."""
+        blocks = [{**b.to_json(), "centred": b.mean is not None} for b in self.blocks]
+        arrays = {f"mean_{b.name}": np.asarray(b.mean, np.float32)
+                  for b in self.blocks if b.mean is not None}
+        return {"blocks": blocks}, arrays
+
+    @classmethod
+    def from_state(cls, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Fusion:
+        """The inverse of :meth:`to_state`; ``ValueError`` on anything malformed."""
+        raw = meta.get("blocks") if isinstance(meta, Mapping) else None
+        if not isinstance(raw, list) or not raw:
+            raise ValueError("no block list")
+        blocks, seen = [], set()
+        for item in raw:
+            if not isinstance(item, Mapping):
+                raise ValueError(f"block {item!r} is not an object")
+            name, dim, weight = item.get("name"), item.get("dim"), item.get("weight")
+            if not isinstance(name, str) or not name.isidentifier() or name in seen:
+                raise ValueError(f"bad or repeated block name {name!r}")
+            if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+                raise ValueError(f"block {name!r}: bad dim {dim!r}")
+            if (isinstance(weight, bool) or not isinstance(weight, (int, float))
+                    or not np.isfinite(weight) or weight < 0):
+                raise ValueError(f"block {name!r}: bad weight {weight!r}")
+            seen.add(name)
+            mean = None
+            if item.get("centred"):
+                mean = arrays.get(f"mean_{name}")
+                if mean is None:
+                    raise ValueError(f"block {name!r}: its centring mean is missing")
+                if (mean.dtype.kind != "f" or mean.shape != (dim,)
+                        or not np.isfinite(mean).all()):
+                    raise ValueError(f"block {name!r}: a centring mean of {mean.dtype} "
+                                     f"{mean.shape} for dim {dim}")
+                mean = mean.astype(np.float32)
+            blocks.append(Block(name, dim, float(weight), mean))
+        return cls(blocks)

@@ -13,14 +13,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
+import re
 import threading
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -29,7 +32,7 @@ from .encoders.registry import ModelRegistry, is_off
 from .encoders.text import TfidfEncoder, strip_boilerplate
 from .errors import ImageError, IndexMismatch, InvalidInput, NotFound
 from .fusion import Block, Fusion
-from .images import decode_image, read_image_bytes
+from .images import Photo, as_photo, decode_image, image_limits, read_image_bytes
 from .index import (
     IndexConfig,
     IndexView,
@@ -43,8 +46,12 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
-SNAPSHOT_FORMAT = 1
+# 2: fitted state as data (fusion.json/.npz, lexical.json/.npz) and library versions in the
+# manifest; 1 (refused): the fitted state pickled in fusion.pkl
+SNAPSHOT_FORMAT = 2
+_T = TypeVar("_T")
 CHUNK = 256  # listings decoded and encoded at a time: bounds memory for decoded photos
+PHOTO_GROUP = 32  # decoded photos held at most before they are encoded (~128 MiB)
 
 
 @dataclass(frozen=True)
@@ -268,6 +275,7 @@ class Vitrine:
             "text_model": self.text_spec,
             "image_model": self.image_spec,
             "fusion": fusion.describe() if fusion else [],
+            "libraries": dict(library_versions()),
         }
 
     def _index_config(self) -> IndexConfig:
@@ -302,12 +310,17 @@ class Vitrine:
             self.registry.get("image", self.image_spec)
 
     def _decode(self, listing: Listing) -> Any:
-        s = self.settings
+        """The listing's photo decoded (:func:`indexer.images.decode_image` with the
+        settings' limits), or None. A photo given already decoded (a ``PIL.Image``, e.g. by
+        the API, which decodes to validate) is used as it is, not decoded again."""
         data = listing.image
         if data is None:
             return None
-        raw = data if isinstance(data, bytes) else read_image_bytes(data, s.max_image_bytes)
-        return decode_image(raw, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
+        if isinstance(data, Photo):
+            return as_photo(data)
+        limits = image_limits(self.settings)
+        raw = data if isinstance(data, bytes) else read_image_bytes(data, limits["max_bytes"])
+        return decode_image(raw, **limits)
 
     def embed(self, listings: Sequence[Listing], progress: Progress | None = None, *,
               state: State | None = None) -> Embedded:
@@ -376,6 +389,10 @@ class Vitrine:
                     [lexical_text(listings[r]) for r in rows]
                 )
             if "image" in vectors:
+                # decoded photos (up to 4 MiB each at 1024 px) are encoded as soon as a
+                # group of whole encoder batches is ready: a chunk never holds them all
+                bs = max(1, int(getattr(ienc, "batch_size", self.settings.batch_size)))
+                group = max(1, PHOTO_GROUP // bs) * bs
                 imgs, img_rows = [], []
                 for i, x in enumerate(chunk):
                     try:
@@ -383,13 +400,14 @@ class Vitrine:
                     except ImageError as e:
                         problems[start + i] = f"photo unusable ({e}); indexed from text only"
                         photo_errors[start + i] = e
-                        continue
+                        im = None
                     if im is not None:
                         imgs.append(im)
                         img_rows.append(start + i)
-                if imgs:
-                    vectors["image"][img_rows] = ienc.encode(imgs)
-                    present["image"][img_rows] = True
+                    if imgs and (len(imgs) >= group or i == len(chunk) - 1):
+                        vectors["image"][img_rows] = ienc.encode(imgs)
+                        present["image"][img_rows] = True
+                        imgs, img_rows = [], []
             if progress:
                 progress(len(chunk))
         any_present = np.zeros(n, dtype=bool)
@@ -491,12 +509,16 @@ class Vitrine:
     def query_vector(
         self,
         text: str | None = None,
-        image: bytes | str | Path | None = None,
+        image: bytes | str | Path | Photo | None = None,
         listing_id: str | None = None,
         *,
         state: State | None = None,
     ) -> np.ndarray:
-        """The fused vector of a query: a stored listing, or text and/or a photo."""
+        """The fused vector of a query: a stored listing, or text and/or a photo.
+
+        ``image``: the photo's bytes or path, or the photo already decoded by
+        ``decode_image(raw, **image_limits(settings))`` (used without decoding it again).
+        """
         st = state or self.state()
         if listing_id is not None:
             if listing_id not in st.view:
@@ -540,7 +562,7 @@ class Vitrine:
         self,
         *,
         text: str | None = None,
-        image: bytes | str | Path | None = None,
+        image: bytes | str | Path | Photo | None = None,
         listing_id: str | None = None,
         k: int = 10,
         category: str | None = None,
@@ -607,8 +629,9 @@ class Vitrine:
                 (d / "extra.json").write_text(json.dumps(extra))
             st.view.write(d)
             (d / "manifest.json").write_text(json.dumps(self.manifest(st.fusion), indent=2))
-            with (d / "fusion.pkl").open("wb") as f:
-                pickle.dump({"fusion": st.fusion, "lexical": st.lexical}, f)
+            _write_state(d, "fusion", *st.fusion.to_state())
+            # JSON null: no lexical view
+            _write_state(d, "lexical", *(st.lexical.to_state() if st.lexical else (None, {})))
 
         return write_snapshot(Path(root), write, supersedes)
 
@@ -641,7 +664,23 @@ class Vitrine:
         raise IndexMismatch(f"the snapshot in {root} kept changing while it was read")
 
     def _read(self, snap: Path, root: Path) -> None:
-        manifest = json.loads((snap / "manifest.json").read_text())
+        """Read one snapshot folder. Nothing in it is executed: JSON, ``.npy``/``.npz``
+        arrays without pickles (``allow_pickle=False``) and FAISS's own index format."""
+        manifest = _read_json(snap / "manifest.json")
+        fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        if (snap / "fusion.pkl").exists() or fmt == 1:
+            raise IndexMismatch(
+                f"the index in {root} is an old snapshot (format 1: its fitted state pickled "
+                "in fusion.pkl), which vitrine no longer loads since unpickling it would run "
+                "whatever code the file holds: rebuild the index with `vitrine index`"
+            )
+        if fmt != SNAPSHOT_FORMAT:
+            raise IndexMismatch(
+                f"the index in {root} has snapshot format {fmt!r}; this vitrine reads format "
+                f"{SNAPSHOT_FORMAT}: rebuild the index with `vitrine index` or run the vitrine "
+                "that wrote it"
+            )
+        assert isinstance(manifest, dict)
         for key, mine in (("text_model", self.text_spec), ("image_model", self.image_spec)):
             if manifest.get(key) != mine:
                 raise IndexMismatch(
@@ -649,9 +688,146 @@ class Vitrine:
                     f"{mine!r} is configured (VITRINE_{key.upper()}); rebuild it or "
                     "configure the same model"
                 )
-        # The snapshot is written by vitrine itself into VITRINE_DATA_DIR; like any pickle it
-        # must not come from an untrusted source.
-        with (snap / "fusion.pkl").open("rb") as f:
-            state = pickle.load(f)
-        index = VectorIndex.read(snap, self._index_config())
-        self._core = _Core(state["fusion"], state["lexical"], index)
+        fusion_meta, fusion_arrays = _read_state(snap, "fusion")
+        lexical_meta, lexical_arrays = _read_state(snap, "lexical")
+        fitted = isinstance(lexical_meta, dict) and bool(lexical_meta.get("fitted"))
+        check_libraries(manifest.get("libraries"), root, lexical=fitted)
+        fusion = _from_state(snap, "fusion", Fusion.from_state, fusion_meta, fusion_arrays)
+        lexical = (None if lexical_meta is None else _from_state(
+            snap, "lexical", TfidfEncoder.from_state, lexical_meta, lexical_arrays))
+        if "lexical" in fusion.names and not (lexical is not None and lexical.fitted):
+            raise IndexMismatch(f"snapshot {snap} has a lexical block but no fitted lexical "
+                                "view: rebuild the index with `vitrine index`")
+        try:
+            index = VectorIndex.read(snap, self._index_config())
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError) as e:
+            # RuntimeError: FAISS on a corrupt base.faiss; ValueError: a pickled .npy
+            raise IndexMismatch(f"the index files of snapshot {snap} cannot be read ({e}): "
+                                "rebuild the index with `vitrine index`") from e
+        if index.dim != fusion.dim:
+            raise IndexMismatch(f"snapshot {snap}: an index of dimension {index.dim} for a "
+                                f"fusion of {fusion.dim}: rebuild the index with `vitrine index`")
+        self._core = _Core(fusion, lexical, index)
+
+
+# --- snapshot files ------------------------------------------------------------------------
+# A snapshot folder holds, besides the index files of VectorIndex.write:
+#   manifest.json  format, the encoders, the fusion layout and the library versions
+#   fusion.json    the blocks: name, dim, weight, whether centred   (Fusion.to_state)
+#   fusion.npz     mean_<block>: float32 (dim,) centring means
+#   lexical.json   null, or the vectorizer parameters, vocabulary (terms in column order)
+#                  and tokenisation probe of the lexical view        (TfidfEncoder.to_state)
+#   lexical.npz    idf (n_terms,) and components (dim, n_terms): empty without a lexical view
+#   extra.json     what the caller of save() stored (say, a replication log position)
+# JSON and .npz are data only: arrays are read with allow_pickle=False.
+
+# Distributions whose versions shape the vectors; recorded in every manifest.
+LIBRARIES = ("scikit-learn", "numpy", "scipy", "faiss", "torch", "torchvision",
+             "sentence-transformers", "transformers", "timm", "open_clip_torch", "pillow")
+
+
+@cache
+def library_versions() -> dict[str, str]:
+    """The installed versions of :data:`LIBRARIES` (those that are installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .index import faiss
+
+    out: dict[str, str] = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = str(faiss.__version__) if name == "faiss" else version(name)
+        except (PackageNotFoundError, AttributeError):
+            continue
+    return out
+
+
+def _major_minor(v: str) -> str:
+    m = re.match(r"(\d+)\.(\d+)", v)
+    return f"{m[1]}.{m[2]}" if m else v
+
+
+def check_libraries(recorded: object, root: Path, *, lexical: bool) -> None:
+    """Compare the library versions a snapshot recorded with the installed ones.
+
+    The rule: a snapshot with a fitted lexical view loads only under the scikit-learn
+    MAJOR.MINOR that fitted it, else :class:`IndexMismatch` (HTTP 409) names both versions.
+    The view is rebuilt from data (vocabulary, IDF, SVD basis) by our code, but the
+    tokenisation (the token pattern, n-grams, case folding) stays scikit-learn's: a new
+    release may split words differently and silently move the vectors of new listings and
+    queries away from the indexed ones. Patch releases are accepted; the tokenisation probe
+    :meth:`TfidfEncoder.from_state` checks still refuses one that tokenises differently.
+
+    The others (numpy, faiss, torch, the model libraries, pillow) read their own versioned
+    formats or change new vectors only by numerical noise: a different MAJOR.MINOR is
+    logged as a warning (rebuild when convenient), not refused.
+    """
+    if not isinstance(recorded, dict) or not all(
+            isinstance(v, str) for v in recorded.values()):
+        raise IndexMismatch(f"the manifest of the index in {root} records no library "
+                            "versions: rebuild the index with `vitrine index`")
+    mine = library_versions()
+    if lexical:
+        theirs, ours = recorded.get("scikit-learn"), mine.get("scikit-learn")
+        if theirs is None or ours is None or _major_minor(theirs) != _major_minor(ours):
+            raise IndexMismatch(
+                f"the lexical view of the index in {root} was fitted with scikit-learn "
+                f"{theirs or '(unknown)'} but scikit-learn {ours or '(none)'} is installed; "
+                "its tokenisation may differ, so new vectors would not match the indexed "
+                f"ones: rebuild the index with `vitrine index`, or install scikit-learn "
+                f"{_major_minor(theirs) + '.*' if theirs else 'as recorded'}"
+            )
+    for name, theirs in sorted(recorded.items()):
+        ours = mine.get(name)
+        if name != "scikit-learn" and ours and _major_minor(theirs) != _major_minor(ours):
+            log.warning("the index in %s was built with %s %s, %s is installed: rebuild it "
+                        "with `vitrine index` if search quality drops", root, name, theirs,
+                        ours)
+
+
+def _write_state(d: Path, name: str, meta: Any, arrays: Mapping[str, np.ndarray]) -> None:
+    """``name.json`` (``meta``) and ``name.npz`` (``arrays``, numbers only)."""
+    for key, a in arrays.items():
+        if a.dtype.hasobject:
+            raise TypeError(f"{name}.{key}: object arrays would be pickled")
+    (d / f"{name}.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+    with (d / f"{name}.npz").open("wb") as f:
+        np.savez(f, allow_pickle=False, **arrays)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise  # load() retries: a newer snapshot may have replaced this one
+    except (OSError, ValueError) as e:
+        raise IndexMismatch(f"{path} cannot be read ({e}): rebuild the index with "
+                            "`vitrine index`") from e
+
+
+def _read_state(snap: Path, name: str) -> tuple[Any, dict[str, np.ndarray]]:
+    """``name.json`` and the arrays of ``name.npz``; never unpickles anything."""
+    meta = _read_json(snap / f"{name}.json")
+    path = snap / f"{name}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        # ValueError covers a pickle in place of the arrays and object (pickled) arrays
+        raise IndexMismatch(f"{path} is not a valid array file ({e}): rebuild the index "
+                            "with `vitrine index`") from e
+    return meta, arrays
+
+
+def _from_state(snap: Path, name: str, build: Callable[[Any, dict[str, np.ndarray]], _T],
+                meta: Any, arrays: dict[str, np.ndarray]) -> _T:
+    try:
+        return build(meta, arrays)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise IndexMismatch(f"{name}.json/{name}.npz of snapshot {snap} do not hold a valid "
+                            f"fitted {name} ({e}): rebuild the index with `vitrine index`"
+                            ) from e

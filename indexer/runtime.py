@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .encoders.registry import ModelRegistry
-from .errors import VitrineError
+from .errors import Overloaded, VitrineError
 from .ingest import Ingestor
 from .remote import fetch_image
 from .replica import Replica
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 INGEST_TASK = "vitrine.ingest"
 # the replica may trail the log by this many entries before /health calls it lagging
 MAX_HEALTHY_LAG = 1000
+# seconds a client refused for backpressure is told to wait (HTTP Retry-After)
+BACKLOG_RETRY_AFTER = 5
 
 
 def queue_name(settings: Settings) -> str:
@@ -70,6 +73,7 @@ class Runtime:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._stopped = False
+        self._backlog, self._backlog_at = 0, -1.0
 
     @property
     def mode(self) -> str:
@@ -78,7 +82,8 @@ class Runtime:
     def _fetch(self, url: str) -> bytes:
         s = self.settings
         return fetch_image(url, max_bytes=s.max_image_bytes, timeout=s.fetch_timeout,
-                           allow_private=s.allow_private_urls)
+                           deadline=s.fetch_deadline, allow_private=s.allow_private_urls,
+                           allow_networks=s.fetch_allow_networks, proxy=s.fetch_proxy)
 
     # --- lifecycle --------------------------------------------------------------------------
     def start(self, *, consume: bool | None = None) -> None:
@@ -131,7 +136,11 @@ class Runtime:
 
     # --- writes (API side) ------------------------------------------------------------------
     def accept(self, payload: dict[str, Any], photo: bytes | None) -> int:
-        """Record an accepted post durably, then wake a consumer. Returns its version."""
+        """Record an accepted post durably, then wake a consumer. Returns its version.
+
+        Raises :class:`Overloaded` past ``max_pending`` listings not indexed yet.
+        """
+        self._check_backlog()
         version = self.store.accept(payload, photo)
         self._wake.set()
         if self.notify is not None:
@@ -140,6 +149,19 @@ class Runtime:
             except Exception:  # it is pending in the store: a worker's sweep picks it up
                 log.warning("could not send the wake-up for %r", payload["id"], exc_info=True)
         return version
+
+    def _check_backlog(self) -> None:
+        # Counted at most once a second (a count per post would cost SQLite a scan): the
+        # limit is a bound on the backlog, not an exact number.
+        limit = self.settings.max_pending
+        if not limit:
+            return
+        now = time.monotonic()
+        if now - self._backlog_at >= 1.0:
+            self._backlog, self._backlog_at = self.store.pending_count(), now
+        if self._backlog >= limit:
+            raise Overloaded(f"{self._backlog} listings are waiting to be indexed (limit "
+                             f"{limit}); retry later", retry_after=BACKLOG_RETRY_AFTER)
 
     def delete(self, lid: str) -> int:
         version = self.store.delete(lid)
@@ -160,6 +182,7 @@ class Runtime:
                 out.append(f"the index replica lags {lag} log entries behind")
         except StoreUnavailable as e:
             out.append(f"state store unavailable: {e}")
+            log.warning("health: the state store is unavailable", exc_info=e)
         if self.replica.stalled:
             out.append("the replica stopped tailing the log")
         if self.replica.last_error:

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     )
     lexical: bool = Field(
         True,
-        description="Add the weight-free hashed lexical text view to the fused vector "
+        description="Add the weight-free TF-IDF/LSA lexical text view to the fused vector "
         "(see indexer/fusion.py).",
     )
     lexical_dim: int = Field(128, ge=2, le=4096, description="LSA size of the lexical view.")
@@ -90,12 +90,48 @@ class Settings(BaseSettings):
         ge=1,
         description="Images with more pixels are refused as decompression bombs.",
     )
+    max_image_decode_mb: int = Field(
+        160, ge=16, le=65_536,
+        description="Memory one photo decode may hold, priced from the header per format "
+        "(indexer/images.py): ~37 MP for an RGBA PNG, ~9.5 MP for a WebP, 100 MP for a "
+        "baseline JPEG (decoded at reduced scale) at 160.",
+    )
+    image_formats: list[Literal["JPEG", "PNG", "WEBP", "GIF"]] = Field(
+        ["JPEG", "PNG", "WEBP", "GIF"],
+        description="Photo formats accepted (JPEG includes MPO; GIF: first frame); others "
+        "(TIFF, BMP, PSD, ICO...) are refused before decoding.",
+    )
+    image_decode_slots: int = Field(
+        0, ge=0, le=1024,
+        description="Photo decodes over 16 MiB running at once per process (the others "
+        "wait); 0 = one per CPU core.",
+    )
 
     # --- state and service ----------------------------------------------------------------
     data_dir: Path = Field(Path("var"), description="Where index, snapshots and logs live.")
     broker_url: str | None = Field(None, description="redis://... ; unset = embedded mode.")
-    api_key: str | None = None
-    environment: Literal["development", "production"] = "development"
+    api_key: str | None = Field(
+        None, description="Key for the write endpoints (X-API-Key); required in production.")
+    read_api_key: str | None = Field(
+        None, description="If set, reads (GET /listings/{id}, /search, /classify) need "
+        "X-API-Key equal to it or to api_key; unset = reads are public.")
+    environment: Literal["development", "production"] = Field(
+        "development", description="production: refuses to start without api_key and "
+        "serves /docs and /openapi.json only if docs=true.")
+    docs: bool | None = Field(
+        None, description="Serve /docs and /openapi.json; unset = in development only.")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins browsers may call the API from "
+        "(JSON list); empty = no CORS headers, same-origin only.")
+    max_pending: int = Field(
+        100_000, ge=0, description="Past this many accepted listings not indexed yet, "
+        "POST /listings answers 503 with Retry-After (backpressure); 0 = no limit.")
+    max_query_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest body of /search and /classify (a "
+        "query photo; listings get max_request_bytes).")
+    max_json_values: int = Field(
+        10_000, ge=16, description="JSON bodies with more values (counted from their "
+        "',', '[' and '{') are refused before parsing: every route takes one flat object.")
 
     # --- service (services/, workers/) ----------------------------------------------------
     redis_prefix: str = Field(
@@ -104,7 +140,38 @@ class Settings(BaseSettings):
     allow_private_urls: bool = Field(
         False, description="Let workers fetch image_url from loopback/private/link-local hosts."
     )
-    fetch_timeout: float = Field(10.0, gt=0, description="Seconds to fetch an image_url.")
+    fetch_timeout: float = Field(
+        10.0, gt=0, description="Seconds each connect, read or write of an image_url fetch "
+        "may wait (the whole download is bounded by fetch_deadline)."
+    )
+    fetch_deadline: float = Field(
+        15.0, gt=0, description="Seconds for the whole download of an image_url (DNS, "
+        "connections, redirects, body): a slower or trickling server is cut off."
+    )
+    fetch_allow_networks: list[str] = Field(
+        default_factory=list, description="CIDRs image_url may be fetched from although not "
+        "public, e.g. an internal image CDN (JSON list: '[\"10.20.0.0/16\"]')."
+    )
+    fetch_proxy: str | None = Field(
+        None, description="http(s):// proxy for image_url fetches. Unset: proxy environment "
+        "variables are ignored and every address is checked here. Set: the proxy resolves "
+        "host names and must do the egress filtering (only IP literals are checked here)."
+    )
+
+    @field_validator("fetch_allow_networks")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        return [str(ipaddress.ip_network(n.strip())) for n in v]  # ValueError names the CIDR
+
+    @field_validator("fetch_proxy")
+    @classmethod
+    def _proxy(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("fetch_proxy must be an http:// or https:// URL")
+        return v
+
     max_request_bytes: int = Field(
         30 * 1024 * 1024, ge=1024, description="Largest HTTP request body accepted."
     )

@@ -1,19 +1,22 @@
-"""The HTTP API: thin routes over :class:`~services.runtime.Runtime` (see docs/service.md).
+"""The HTTP API: thin routes over :class:`~indexer.runtime.Runtime` (see docs/service.md).
 
 Blocking work never runs on the event loop. Queries (``/search``, ``/classify``: an index
 search, and for text or a photo a forward pass) run in a small pool of ``cores`` query
 threads, each forward pass on one torch thread and each FAISS search on one OpenMP thread
 (single queries gain nothing from intra-op threads and lose a lot when a core is busy), and
 their answers are serialised once, by pydantic-core, straight to JSON bytes. The other
-blocking routes are sync functions, which FastAPI runs in its thread pool. Domain errors map
-to HTTP errors in one place.
+blocking routes are sync functions, which FastAPI runs in its thread pool.
+
+The API faces the public internet (docs/service.md, "Security"): bodies are read with a
+per-route size limit and parsed off the event loop (:mod:`services.bodies`), domain errors
+map to HTTP errors in one place with the bodies the OpenAPI schema declares, and no error
+carries a traceback or an internal address.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
+import hmac
 import logging
 import os
 import time
@@ -22,9 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request, Security
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -33,38 +39,68 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field
 
-from indexer.catalog import make_listing, validate_id
+from indexer.catalog import (
+    ID_PATTERN,
+    MAX_DESCRIPTION_CHARS,
+    MAX_ID_CHARS,
+    MAX_TITLE_CHARS,
+    make_listing,
+)
 from indexer.errors import (
-    ImageTooLarge,
     IndexMismatch,
     InvalidInput,
     NotFound,
+    Overloaded,
+    PayloadTooLarge,
     VitrineError,
 )
-from indexer.images import decode_image
 from indexer.remote import check_url
-from indexer.runtime import Runtime
+from indexer.runtime import BACKLOG_RETRY_AFTER, Runtime
 from indexer.settings import Settings
 from indexer.state import StoreUnavailable
+
+from .bodies import (
+    FieldError,
+    Parsed,
+    Problem,
+    UnsupportedMediaType,
+    body,
+    decode_photo,
+    validate_photo,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+ListingId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN,
+                                 description="Letters, digits and . _ : - ; starts with a "
+                                 "letter or digit")]
+MAX_QUERY_TEXT = 10_000
+
 
 # --- schemas ------------------------------------------------------------------------------
-class _Strict(BaseModel):
+class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ListingIn(_Strict):
-    id: StrictStr
-    title: StrictStr
-    description: StrictStr | None = None
-    image_base64: StrictStr | None = None
-    image_url: StrictStr | None = None
-    category: StrictStr | None = Field(None, description="The seller's label, optional.")
+class ListingIn(_In):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"id": "sku-1042", "title": "Titan analog wrist watch for men",
+         "description": "Stainless steel strap, water resistant to 50 m",
+         "image_url": "https://images.example.com/sku-1042.jpg", "category": "Watches"},
+    ]})
+
+    id: ListingId
+    title: str = Field(max_length=MAX_TITLE_CHARS)
+    description: str | None = Field(None, max_length=MAX_DESCRIPTION_CHARS)
+    image_base64: str | None = Field(None, description="The photo (JPEG, PNG, WebP...), "
+                                     "base64; or send it as the multipart file `image`")
+    image_url: str | None = Field(None, max_length=2048, description="A public http(s) URL "
+                                  "the workers download the photo from")
+    category: str | None = Field(None, max_length=MAX_TITLE_CHARS,
+                                 description="The seller's label, optional.")
 
 
 class Accepted(BaseModel):
@@ -88,12 +124,25 @@ class ListingStatus(BaseModel):
     warning: str | None = None
 
 
-class SearchIn(_Strict):
-    text: StrictStr | None = None
-    image_base64: StrictStr | None = None
-    listing_id: StrictStr | None = None
-    k: int = Field(10, ge=1, le=1000, strict=True)
-    category: StrictStr | None = None
+class Deleted(BaseModel):
+    id: str
+    deleted: Literal[True] = True
+    version: int = Field(description="The version of the delete (a tombstone in the log)")
+
+
+class SearchIn(_In):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"text": "analog wrist watch for men", "k": 5},
+        {"listing_id": "sku-1042", "k": 5, "category": "Watches"},
+    ]})
+
+    text: str | None = Field(None, max_length=MAX_QUERY_TEXT)
+    image_base64: str | None = Field(None, description="A photo to search with, base64; or "
+                                     "send it as the multipart file `image`")
+    listing_id: ListingId | None = Field(None, description="Search with an indexed listing")
+    k: int = Field(10, ge=1, le=1000)
+    category: str | None = Field(None, max_length=MAX_TITLE_CHARS,
+                                 description="Only listings of this category")
 
 
 class Hit(BaseModel):
@@ -107,10 +156,16 @@ class SearchOut(BaseModel):
     results: list[Hit]
 
 
-class ClassifyIn(_Strict):
-    title: StrictStr
-    description: StrictStr | None = None
-    image_base64: StrictStr | None = None
+class ClassifyIn(_In):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"title": "Cotton double bedsheet with 2 pillow covers",
+         "description": "Floral print, 100% cotton"},
+    ]})
+
+    title: str = Field(max_length=MAX_TITLE_CHARS)
+    description: str | None = Field(None, max_length=MAX_DESCRIPTION_CHARS)
+    image_base64: str | None = Field(None, description="The photo, base64; or send it as "
+                                     "the multipart file `image`")
 
 
 class ClassifyOut(BaseModel):
@@ -132,6 +187,33 @@ class Health(BaseModel):
     lag: int | None = Field(None, description="Log entries not applied here yet")
     digest: str = Field(description="Digest of the (id, version) pairs this process holds: "
                         "processes that agree have the same")
+
+
+LISTING_BODY = body(ListingIn, lambda s: s.max_request_bytes)
+SEARCH_BODY = body(SearchIn, lambda s: s.max_query_bytes)
+CLASSIFY_BODY = body(ClassifyIn, lambda s: s.max_query_bytes)
+
+# Every error answers a Problem; the schema says which, per route, and why.
+_WHY = {
+    401: "Missing or wrong X-API-Key",
+    404: "Unknown or deleted listing",
+    409: "The index was built with other models than the ones configured",
+    413: "Body or photo over its size limit",
+    415: "Unsupported content type (send JSON or multipart/form-data)",
+    422: "Invalid input: `errors` names the fields when the body or a parameter is malformed",
+    503: "The state store is unavailable, or too many listings wait to be indexed "
+         "(backpressure): retry after Retry-After seconds",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    out: dict[int | str, dict[str, Any]] = {}
+    for c in codes:
+        out[c] = {"model": Problem, "description": _WHY[c]}
+        if c == 503:
+            out[c]["headers"] = {"Retry-After": {"description": "Seconds to wait",
+                                                 "schema": {"type": "integer"}}}
+    return out
 
 
 # --- metrics -------------------------------------------------------------------------------
@@ -156,23 +238,32 @@ class Metrics:
                                 ["route", "outcome"], registry=r)
 
 
-# --- helpers -------------------------------------------------------------------------------
-def _b64(data: str, settings: Settings) -> bytes:
-    if len(data) > settings.max_image_bytes * 4 // 3 + 8:
-        raise ImageTooLarge(f"image is larger than {settings.max_image_bytes} bytes")
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise InvalidInput("image_base64 is not valid base64") from e
+# --- access --------------------------------------------------------------------------------
+_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
+                           description="The write key (VITRINE_API_KEY); reads need the read "
+                           "key (or the write key) when VITRINE_READ_API_KEY is set")
 
 
-def _check_image(raw: bytes, settings: Settings) -> bytes:
-    # decode now so that a corrupt photo or a bomb is refused before it is accepted; a JPEG
-    # is decoded at 1/8 scale (every byte is still read, so truncation is still caught), which
-    # takes the check from 1.3 to 0.6 ms for the study's photos
-    decode_image(raw, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
-                 thumbnail=64)
-    return raw
+def _matches(given: str | None, *keys: str | None) -> bool:
+    """Constant-time comparison, so that the time taken says nothing about a key."""
+    if given is None:
+        return False
+    raw = given.encode()
+    return any(hmac.compare_digest(raw, k.encode()) for k in keys if k)
+
+
+async def write_access(request: Request,
+                       key: Annotated[str | None, Security(_key_header)] = None) -> None:
+    s: Settings = request.app.state.settings
+    if s.api_key and not _matches(key, s.api_key):
+        raise HTTPException(401, "missing or wrong X-API-Key")
+
+
+async def read_access(request: Request,
+                      key: Annotated[str | None, Security(_key_header)] = None) -> None:
+    s: Settings = request.app.state.settings
+    if s.read_api_key and not _matches(key, s.read_api_key, s.api_key):
+        raise HTTPException(401, "missing or wrong X-API-Key")
 
 
 # async: FastAPI would run a sync dependency in its thread pool, a thread hop per request
@@ -181,22 +272,39 @@ async def get_rt(request: Request) -> Runtime:
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_rt)]
+PathId = Annotated[str, PathParam(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)]
 
 
-async def require_key(request: Request,
-                      x_api_key: Annotated[str | None, Header()] = None) -> None:
-    expected = request.app.state.settings.api_key
-    if expected and x_api_key != expected:
-        raise HTTPException(401, "missing or wrong X-API-Key")
-
-
-WriteAccess = Depends(require_key)
+def _status_code(exc: VitrineError) -> int:
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, PayloadTooLarge):
+        return 413
+    if isinstance(exc, UnsupportedMediaType):
+        return 415
+    if isinstance(exc, StoreUnavailable | Overloaded):
+        return 503
+    if isinstance(exc, IndexMismatch):
+        return 409
+    return 422
 
 
 # --- app ---------------------------------------------------------------------------------
-def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
-    """The FastAPI app. ``runtime`` is built in the lifespan unless one is given."""
+def check_settings(settings: Settings) -> None:
+    """Refuse settings unsafe for a public API (production without a write key)."""
+    if settings.environment == "production" and not settings.api_key:
+        raise VitrineError("VITRINE_ENVIRONMENT=production needs VITRINE_API_KEY for the "
+                           "write endpoints")
 
+
+def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
+    """The FastAPI app. ``runtime`` is built in the lifespan unless one is given.
+
+    Raises:
+        VitrineError: production mode without an API key.
+    """
+    check_settings(settings)
+    docs = settings.docs if settings.docs is not None else settings.environment != "production"
     queries = QueryPool(settings)
 
     @asynccontextmanager
@@ -218,25 +326,29 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         version="0.1.0",
         description="Categorize marketplace listings and find similar products.",
         lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
     )
     app.state.settings = settings
     app.state.metrics = metrics = Metrics()
-
-    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Content-Type", "X-API-Key"])
 
     @app.exception_handler(VitrineError)
     async def domain_error(request: Request, exc: VitrineError) -> JSONResponse:
-        code = 422
-        if isinstance(exc, NotFound):
-            code = 404
-        elif isinstance(exc, ImageTooLarge):
-            code = 413
-        elif isinstance(exc, StoreUnavailable):
-            code = 503
-        elif isinstance(exc, IndexMismatch):
-            code = 409
+        code = _status_code(exc)
         metrics.requests.labels(request.url.path.split("/")[1], f"{code}").inc()
-        return JSONResponse({"detail": str(exc)}, code)
+        headers = None
+        if isinstance(exc, Overloaded):
+            headers = {"Retry-After": str(exc.retry_after)}
+        elif isinstance(exc, StoreUnavailable):
+            log.warning("%s %s: %s", request.method, request.url.path, exc, exc_info=exc)
+            headers = {"Retry-After": str(BACKLOG_RETRY_AFTER)}
+        return JSONResponse(Problem(detail=str(exc)).model_dump(exclude_none=True), code,
+                            headers=headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -246,48 +358,47 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        msgs = []
-        for e in exc.errors():
-            where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-            msgs.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
-        return JSONResponse({"detail": "; ".join(msgs), "errors": _jsonable(exc.errors())}, 422)
+        errors = [FieldError.of(e) for e in exc.errors()]
+        detail = "; ".join(f"{'.'.join(map(str, e.loc))}: {e.msg}" if e.loc else e.msg
+                           for e in errors)
+        return JSONResponse(Problem(detail=detail, errors=errors).model_dump(), 422)
 
     # -- listings --
-    @app.post("/listings", status_code=202, response_model=Accepted, dependencies=[WriteAccess],
-              summary="Submit a new listing (JSON or multipart); indexed asynchronously",
-              responses={401: {}, 404: {}, 413: {}, 422: {}},
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": ListingIn.model_json_schema()},
-                  "multipart/form-data": {"schema": _multipart_schema()},
-              }}})
-    def post_listing(request: Request, rt: RuntimeDep, body: BodyDep) -> Accepted:
+    @app.post(
+        "/listings", status_code=202, response_model=Accepted, operation_id="post_listing",
+        dependencies=[Depends(write_access)],
+        summary="Submit a new listing (JSON or multipart); indexed asynchronously",
+        responses={**_errors(401, 413, 415, 422, 503), 202: {"links": {
+            "GetListing": {"operationId": "get_listing",
+                           "parameters": {"listing_id": "$response.body#/id"},
+                           "description": "Its status: queued, then indexed or failed"},
+            "DeleteListing": {"operationId": "delete_listing",
+                              "parameters": {"listing_id": "$response.body#/id"}},
+            "SearchLikeIt": {"operationId": "search",
+                             "requestBody": {"listing_id": "$response.body#/id"},
+                             "description": "Similar listings, once it is indexed"},
+        }}},
+        openapi_extra=LISTING_BODY.openapi,
+    )
+    def post_listing(request: Request, rt: RuntimeDep,
+                     parsed: Annotated[Parsed[ListingIn], Depends(LISTING_BODY)]) -> Accepted:
         t0 = time.perf_counter()
-        data, image = body["data"], body["image"]
-        if isinstance(data, dict):
-            try:
-                parsed = ListingIn.model_validate(data)
-            except Exception as e:
-                raise RequestValidationError(getattr(e, "errors", lambda: [])()) from e
-        else:
-            raise InvalidInput("the body must be a JSON object")
-        if parsed.image_base64 is not None:
-            if image is not None:
-                raise InvalidInput("give image_base64 or an image file, not both")
-            image = _b64(parsed.image_base64, settings)
-        if image is not None and parsed.image_url is not None:
+        q: ListingIn = parsed.data
+        image = parsed.photo
+        if image is not None and q.image_url is not None:
             raise InvalidInput("give an image or an image_url, not both")
         if image is not None:
-            _check_image(image, settings)
-        if parsed.image_url is not None:
-            check_url(parsed.image_url, settings.allow_private_urls)
-        listing = make_listing(parsed.id, parsed.title, parsed.description,
-                               image=image, category=parsed.category)
+            validate_photo(image, settings)
+        if q.image_url is not None:
+            check_url(q.image_url, settings.allow_private_urls,
+                      allow_networks=settings.fetch_allow_networks, proxy=settings.fetch_proxy)
+        listing = make_listing(q.id, q.title, q.description, image=image, category=q.category)
         if not listing.title and not listing.description and image is None \
-                and parsed.image_url is None:
+                and q.image_url is None:
             raise InvalidInput("listing has no title, no description and no photo")
         payload = {
             "id": listing.id, "title": listing.title, "description": listing.description,
-            "category": listing.category, "image_url": parsed.image_url,
+            "category": listing.category, "image_url": q.image_url,
         }
         version = rt.accept(payload, image)
         metrics.ingest_latency.observe(time.perf_counter() - t0)
@@ -296,68 +407,76 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         return Accepted(id=listing.id, version=version, status_url=str(url))
 
     @app.get("/listings/{listing_id}", response_model=ListingStatus, name="get_listing",
-             response_model_exclude_none=True)
-    def get_listing(listing_id: str, rt: RuntimeDep) -> ListingStatus:
-        lid = validate_id(listing_id)
-        st = rt.store.status(lid)
+             operation_id="get_listing", response_model_exclude_none=True,
+             dependencies=[Depends(read_access)], responses=_errors(401, 404, 422, 503))
+    def get_listing(listing_id: PathId, rt: RuntimeDep) -> ListingStatus:
+        st = rt.store.status(listing_id)
         if st is not None and st["status"] == "deleted":
-            raise NotFound(f"listing {lid!r} was deleted")
+            raise NotFound(f"listing {listing_id!r} was deleted")
         if st is not None:
             if st["status"] == "indexed":
                 # committed to the log: wait (briefly) until this process can search it too
-                rt.replica.wait_version(lid, st["version"], timeout=2)
+                rt.replica.wait_version(listing_id, st["version"], timeout=2)
             fields = {k: st.get(k) for k in ListingStatus.model_fields if k in st}
-            return ListingStatus(id=lid, **fields)
-        meta = rt.replica.v.state().meta(lid)  # a listing of the seeded catalog
+            return ListingStatus(id=listing_id, **fields)
+        meta = rt.replica.v.state().meta(listing_id)  # a listing of the seeded catalog
         if meta is None:
-            raise NotFound(f"unknown listing {lid!r}")
+            raise NotFound(f"unknown listing {listing_id!r}")
         return ListingStatus(
-            id=lid, status="indexed", category=meta.category,
+            id=listing_id, status="indexed", category=meta.category,
             confidence=1.0 if meta.labelled else None,
             uncertain=False if meta.labelled else None,
             source="predicted" if meta.source == "predicted" else "seller",
         )
 
-    @app.delete("/listings/{listing_id}", dependencies=[WriteAccess])
-    def delete_listing(listing_id: str, rt: RuntimeDep) -> dict[str, Any]:
-        lid = validate_id(listing_id)
-        st = rt.store.status(lid)
-        if st is None and rt.replica.v.state().meta(lid) is None:
-            raise NotFound(f"unknown listing {lid!r}")
+    @app.delete("/listings/{listing_id}", response_model=Deleted, operation_id="delete_listing",
+                dependencies=[Depends(write_access)], responses=_errors(401, 404, 422, 503))
+    def delete_listing(listing_id: PathId, rt: RuntimeDep) -> Deleted:
+        st = rt.store.status(listing_id)
+        if st is None and rt.replica.v.state().meta(listing_id) is None:
+            raise NotFound(f"unknown listing {listing_id!r}")
         if st is not None and st["status"] == "deleted":
-            raise NotFound(f"listing {lid!r} was already deleted")
-        return {"id": lid, "deleted": True, "version": rt.delete(lid)}
+            raise NotFound(f"listing {listing_id!r} was already deleted")
+        return Deleted(id=listing_id, version=rt.delete(listing_id))
 
     # -- queries --
-    @app.post("/search", response_model=SearchOut)
-    async def search(q: SearchIn, rt: RuntimeDep) -> Response:
+    @app.post("/search", response_model=SearchOut, operation_id="search",
+              summary="Similar listings to a text, a photo (JSON or multipart) or a listing",
+              dependencies=[Depends(read_access)],
+              responses=_errors(401, 404, 409, 413, 415, 422), openapi_extra=SEARCH_BODY.openapi)
+    async def search(rt: RuntimeDep,
+                     parsed: Annotated[Parsed[SearchIn], Depends(SEARCH_BODY)]) -> Response:
         t0 = time.perf_counter()
-        given = [x for x in (q.text, q.image_base64, q.listing_id) if x]
+        q: SearchIn = parsed.data
+        photo = parsed.photo
+        given = [x for x in (q.text, photo, q.listing_id) if x]
         if len(given) == 0:
-            raise InvalidInput("give a text, an image_base64 or a listing_id to search with")
+            raise InvalidInput("give a text, a photo or a listing_id to search with")
         if q.listing_id and len(given) > 1:
-            raise InvalidInput("listing_id cannot be combined with text or image_base64")
-        if q.text is not None and len(q.text) > 10_000:
-            raise InvalidInput("text longer than 10000 characters")
-        lid = validate_id(q.listing_id) if q.listing_id else None
+            raise InvalidInput("listing_id cannot be combined with a text or a photo")
 
         def run() -> str:
-            image = (_check_image(_b64(q.image_base64, settings), settings)
-                     if q.image_base64 else None)
-            hits = rt.replica.v.search(text=q.text, image=image, listing_id=lid, k=q.k,
-                                       category=q.category)
+            image = decode_photo(photo, settings) if photo is not None else None
+            hits = rt.replica.v.search(text=q.text, image=image, listing_id=q.listing_id,
+                                       k=q.k, category=q.category)
             return SearchOut(results=[Hit(id=h.id, score=h.score, category=h.category,
                                           title=h.title) for h in hits]).model_dump_json()
 
-        body = await queries.run(run)
+        out = await queries.run(run)
         metrics.search_latency.observe(time.perf_counter() - t0)
-        return Response(body, media_type="application/json")
+        return Response(out, media_type="application/json")
 
-    @app.post("/classify", response_model=ClassifyOut)
-    async def classify(q: ClassifyIn, rt: RuntimeDep) -> Response:
+    @app.post("/classify", response_model=ClassifyOut, operation_id="classify",
+              summary="The category of a draft listing (JSON or multipart), without indexing it",
+              dependencies=[Depends(read_access)],
+              responses=_errors(401, 409, 413, 415, 422), openapi_extra=CLASSIFY_BODY.openapi)
+    async def classify(rt: RuntimeDep,
+                       parsed: Annotated[Parsed[ClassifyIn], Depends(CLASSIFY_BODY)]) -> Response:
+        q: ClassifyIn = parsed.data
+        photo = parsed.photo
+
         def run() -> str:
-            image = (_check_image(_b64(q.image_base64, settings), settings)
-                     if q.image_base64 else None)
+            image = decode_photo(photo, settings) if photo is not None else None
             listing = make_listing("draft", q.title, q.description, image=image)
             vote = rt.replica.v.classify(listing)
             return ClassifyOut(
@@ -370,7 +489,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         return Response(await queries.run(run), media_type="application/json")
 
     # -- operations --
-    @app.get("/health", response_model=Health)
+    @app.get("/health", response_model=Health, operation_id="health")
     def health(rt: RuntimeDep) -> Health:
         problems = rt.problems()
         pending = lag = None
@@ -431,93 +550,3 @@ class QueryPool:
     async def run(self, fn: Callable[[], T]) -> T:
         assert self._pool is not None, "the API is not started"
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
-
-
-class BodyLimit:
-    """Refuse bodies over ``limit`` bytes with 413 (a plain ASGI middleware: no extra task).
-
-    A declared ``Content-Length`` is checked up front; a chunked body is read up to the limit
-    first and then handed on.
-    """
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or ())
-        length = headers.get(b"content-length")
-        too_big = JSONResponse({"detail": f"request body larger than {self.limit} bytes"}, 413)
-        if length is not None:
-            if length.isdigit() and int(length) > self.limit:
-                return await too_big(scope, receive, send)
-            return await self.app(scope, receive, send)
-        if scope.get("method") not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                return await too_big(scope, receive, send)
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        replayed = False
-
-        async def replay() -> Any:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
-
-
-async def _body(request: Request) -> dict[str, Any]:
-    """JSON or multipart (an ``image`` file plus the same fields) -> {data, image}."""
-    ctype = request.headers.get("content-type", "")
-    if ctype.startswith("multipart/form-data"):
-        form = await request.form()
-        data: dict[str, Any] = {}
-        image = None
-        for key, value in form.multi_items():
-            if key == "image":
-                if isinstance(value, str):
-                    raise InvalidInput("multipart field 'image' must be a file")
-                image = await value.read()
-            else:
-                if not isinstance(value, str):
-                    raise InvalidInput(f"multipart field {key!r} must be text, not a file")
-                data[key] = value
-        return {"data": data, "image": image}
-    if ctype.startswith("application/json") or not ctype:
-        try:
-            data = await request.json()
-        except ValueError as e:
-            raise InvalidInput(f"body is not valid JSON: {e}") from e
-        return {"data": data, "image": None}
-    raise InvalidInput(f"unsupported content-type {ctype!r}: send JSON or multipart/form-data")
-
-
-BodyDep = Annotated[dict[str, Any], Depends(_body)]
-
-
-def _multipart_schema() -> dict[str, Any]:
-    schema = ListingIn.model_json_schema()
-    props = dict(schema["properties"])
-    props.pop("image_base64", None)
-    props["image"] = {"type": "string", "format": "binary", "description": "the photo"}
-    return {**schema, "properties": props}
-
-
-def _jsonable(errors: Any) -> Any:
-    out = []
-    for e in errors:
-        out.append({k: (v if isinstance(v, str | int | float | list | type(None)) else str(v))
-                    for k, v in e.items() if k in ("loc", "msg", "type")})
-    return out

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..errors import ModelSpecError
+from ..errors import IndexMismatch, ModelSpecError
 from .base import Progress, l2_normalize
 
 
@@ -89,19 +90,25 @@ class TfidfEncoder:
     """Weight-free lexical encoder: TF-IDF of word uni+bigrams, reduced by truncated SVD (LSA).
 
     It has no neural weights but is fitted on a catalog (vocabulary, IDF, SVD basis); the
-    fitted state is saved with the index snapshot. ``encode`` before ``fit`` fits on the
-    texts given. Dense ``dim``-sized output keeps it usable inside a FAISS index.
+    fitted state is saved with the index snapshot **as data** (:meth:`to_state`: JSON and
+    arrays, never a pickle), and :meth:`from_state` rebuilds the same transform from it.
+    ``encode`` before ``fit`` fits on the texts given. Dense ``dim``-sized output keeps it
+    usable inside a FAISS index.
+
+    The transform is scikit-learn's ``TfidfVectorizer`` rebuilt from the stored vocabulary,
+    IDF and parameters (tokenisation stays scikit-learn's), then the projection on the SVD
+    basis, ``x @ components.T``, done here: that is all ``TruncatedSVD.transform`` does.
     """
 
     def __init__(self, spec: str = "tfidf", dim: int = 256) -> None:
         self.spec = spec
         self.dim = dim
-        self._pipe = None
+        self._vec: Any = None  # the fitted (or rebuilt) TfidfVectorizer
+        self._components: np.ndarray | None = None  # (dim, n_terms) SVD basis
 
     def fit(self, texts: Sequence[str]) -> TfidfEncoder:
         from sklearn.decomposition import TruncatedSVD
         from sklearn.feature_extraction.text import TfidfVectorizer
-        from sklearn.pipeline import Pipeline
 
         vec = TfidfVectorizer(
             sublinear_tf=True,
@@ -113,22 +120,163 @@ class TfidfEncoder:
         x = vec.fit_transform(list(texts))
         n_comp = max(1, min(self.dim, x.shape[0] - 1, x.shape[1] - 1))
         svd = TruncatedSVD(n_components=n_comp, random_state=0).fit(x)
-        self._pipe = Pipeline([("tfidf", vec), ("svd", svd)])
+        self._vec, self._components = vec, svd.components_
         self.dim = n_comp
         return self
 
     @property
     def fitted(self) -> bool:
-        return self._pipe is not None
+        return self._vec is not None and self._components is not None
 
     def encode(self, texts: Sequence[str], progress: Progress | None = None) -> np.ndarray:
-        if self._pipe is None:
+        if not self.fitted:
             self.fit(texts)
-        assert self._pipe is not None
-        out = l2_normalize(self._pipe.transform(list(texts)))
+        assert self._vec is not None and self._components is not None
+        out = l2_normalize(self._vec.transform(list(texts)) @ self._components.T)
         if progress:
             progress(len(texts))
         return out
+
+    # --- fitted state as data -------------------------------------------------------------
+    def to_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """JSON-able metadata (parameters, vocabulary, a tokenisation probe) and arrays
+        (``idf``, ``components``) that :meth:`from_state` turns back into this encoder."""
+        meta: dict[str, Any] = {"spec": self.spec, "dim": self.dim, "fitted": self.fitted}
+        if not self.fitted:
+            return meta, {}
+        vec = self._vec
+        params = {k: vec.get_params()[k] for k in _VECTORIZER_PARAMS}
+        # the stop-word list itself, not "english": it shapes the bigrams, and the list
+        # bundled with scikit-learn may change from one release to the next
+        stop = vec.get_stop_words()
+        params["stop_words"] = sorted(stop) if stop is not None else None
+        params["ngram_range"] = list(params["ngram_range"])
+        params["dtype"] = np.dtype(params["dtype"]).name
+        vocab = vec.vocabulary_
+        terms = [""] * len(vocab)
+        for term, col in vocab.items():
+            terms[col] = term
+        meta.update(
+            vectorizer=params,
+            vocabulary=terms,
+            probe={"text": TOKEN_PROBE, "tokens": vec.build_analyzer()(TOKEN_PROBE)},
+        )
+        arrays = {"idf": np.asarray(vec.idf_), "components": np.asarray(self._components)}
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
+                   ) -> TfidfEncoder:
+        """Rebuild the encoder of :meth:`to_state`. ``ValueError`` on malformed data;
+        :class:`~indexer.errors.IndexMismatch` when this scikit-learn tokenises the stored
+        probe text differently from the one that fitted the vocabulary."""
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        if not isinstance(meta, Mapping):
+            raise ValueError("lexical state is not an object")
+        spec, dim = meta.get("spec"), meta.get("dim")
+        if not isinstance(spec, str) or isinstance(dim, bool) or not isinstance(dim, int) \
+                or dim <= 0:
+            raise ValueError(f"bad spec/dim {spec!r}/{dim!r}")
+        enc = cls(spec, dim)
+        if not meta.get("fitted"):
+            return enc
+        params = dict(_checked_params(meta.get("vectorizer")))
+        terms = meta.get("vocabulary")
+        if not isinstance(terms, list) or not terms or not all(
+                isinstance(t, str) for t in terms):
+            raise ValueError("the vocabulary is not a list of terms")
+        vocab = {t: i for i, t in enumerate(terms)}
+        if len(vocab) != len(terms):
+            raise ValueError("the vocabulary repeats a term")
+        idf, comp = arrays.get("idf"), arrays.get("components")
+        if idf is None or comp is None:
+            raise ValueError("idf or components array missing")
+        if idf.dtype.kind != "f" or idf.shape != (len(terms),) or not np.isfinite(idf).all():
+            raise ValueError(f"idf of {idf.dtype} {idf.shape} for {len(terms)} terms")
+        if comp.dtype.kind != "f" or comp.shape != (dim, len(terms)) \
+                or not np.isfinite(comp).all():
+            raise ValueError(f"components of {comp.dtype} {comp.shape}, "
+                             f"expected ({dim}, {len(terms)})")
+        params["ngram_range"] = tuple(params["ngram_range"])
+        params["dtype"] = np.dtype(params["dtype"]).type
+        vec = TfidfVectorizer(vocabulary=vocab, **params)
+        vec.idf_ = idf  # public setter: fixes the vocabulary and the IDF weights
+        probe = meta.get("probe")
+        if not isinstance(probe, Mapping) or not isinstance(probe.get("text"), str) \
+                or not isinstance(probe.get("tokens"), list):
+            raise ValueError("the tokenisation probe is missing")
+        got = vec.build_analyzer()(probe["text"])
+        if got != probe["tokens"]:
+            import sklearn
+
+            raise IndexMismatch(
+                f"scikit-learn {sklearn.__version__} tokenises text differently from the "
+                "scikit-learn that fitted this index's lexical view, so its vectors would "
+                "not match the indexed ones: rebuild the index with `vitrine index`"
+            )
+        enc._vec, enc._components = vec, comp
+        return enc
+
+
+# The probe text whose tokens (uni+bigrams) are stored with a fitted lexical view and compared
+# on load: it catches a tokenisation change (case folding, word boundaries, accents, stop
+# words) of a newer scikit-learn.
+TOKEN_PROBE = ("Buy the Café-Racer's 2-Pack: STAINLESS steel mugs (350ml) & a non-stick "
+               "pan, naïve «Ünïcode» e-mail_ok 4K/UHD; it's not for them, is it?")
+
+# TfidfVectorizer parameters that shape ``transform`` given a fixed vocabulary and IDF, and
+# the JSON types a snapshot may give them (min_df, max_df, max_features and smooth_idf only
+# shape ``fit``; preprocessor/tokenizer/analyzer callables are never used: none is stored).
+_VECTORIZER_PARAMS: dict[str, tuple[type, ...]] = {
+    "input": (str,),
+    "encoding": (str,),
+    "decode_error": (str,),
+    "strip_accents": (str, type(None)),
+    "lowercase": (bool,),
+    "token_pattern": (str,),
+    "stop_words": (list, type(None)),
+    "ngram_range": (list,),
+    "analyzer": (str,),
+    "binary": (bool,),
+    "norm": (str, type(None)),
+    "use_idf": (bool,),
+    "sublinear_tf": (bool,),
+    "dtype": (str,),
+}
+
+
+def _checked_params(raw: object) -> dict[str, Any]:
+    """The stored vectorizer parameters, refused unless each is present with a plain value."""
+    if not isinstance(raw, Mapping) or set(raw) != set(_VECTORIZER_PARAMS):
+        raise ValueError("the vectorizer parameters are missing or unknown ones are present")
+    for key, types in _VECTORIZER_PARAMS.items():
+        if not isinstance(raw[key], types):
+            raise ValueError(f"vectorizer parameter {key}={raw[key]!r}")
+    ngram = raw["ngram_range"]
+    if (len(ngram) != 2 or not all(isinstance(n, int) and not isinstance(n, bool)
+                                   for n in ngram) or not 1 <= ngram[0] <= ngram[1]):
+        raise ValueError(f"ngram_range={ngram!r}")
+    if raw["stop_words"] is not None and not all(isinstance(w, str) for w in raw["stop_words"]):
+        raise ValueError("stop_words is not a list of words")
+    allowed = {
+        # "content" only: "filename"/"file" would make a query text name a file to read
+        "input": ("content",),
+        "decode_error": ("strict", "ignore", "replace"),
+        "strip_accents": (None, "ascii", "unicode"),
+        "analyzer": ("word", "char", "char_wb"),
+        "norm": (None, "l1", "l2"),
+        "use_idf": (True,),  # the IDF is stored and set
+        "dtype": ("float32", "float64"),
+    }
+    for key, values in allowed.items():
+        if raw[key] not in values:
+            raise ValueError(f"vectorizer parameter {key}={raw[key]!r}")
+    try:
+        re.compile(raw["token_pattern"])
+    except re.error as e:
+        raise ValueError(f"token_pattern {raw['token_pattern']!r}: {e}") from None
+    return dict(raw)
 
 
 _BOILERPLATE = [

@@ -59,7 +59,9 @@ def _transient(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             return fn(*args, **kwargs)
         except _TRANSIENT as e:
-            raise StoreUnavailable(f"Redis unavailable: {e}") from e
+            # the message reaches HTTP clients: the reason's kind, not Redis's host and port
+            # (those stay in the chained exception, for the log)
+            raise StoreUnavailable(f"Redis unavailable ({type(e).__name__})") from e
 
     return wrapper
 

@@ -69,7 +69,8 @@ def _unavailable(e: Exception) -> StoreUnavailable | None:
         reason = None if code is None else _TRANSIENT_SQLITE.get(code & 0xFF)
         return StoreUnavailable(f"SQLite state store: {reason}: {e}") if reason else None
     if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNO:
-        return StoreUnavailable(f"SQLite state store: {os.strerror(e.errno or 0)}: {e}")
+        # the reason only: the message reaches HTTP clients, the path stays in the log
+        return StoreUnavailable(f"SQLite state store: {os.strerror(e.errno or 0)}")
     return None
 
 

@@ -34,3 +34,36 @@ def test_centring_removes_the_shared_component():
     # raw vectors all look alike (cosine ~1); centred ones are spread around 0
     assert (raw @ raw.T).mean() > 0.9
     assert abs((centred @ centred.T)[~np.eye(50, dtype=bool)].mean()) < 0.1
+
+
+def test_state_round_trips_as_data_and_malformed_state_is_refused():
+    import json
+
+    import pytest
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(10, 3)).astype(np.float32)
+    present = {"text": np.ones(10, bool), "image": np.zeros(10, bool)}
+    f = Fusion([Block("text", 3, 1.0), Block("image", 2, 0.5)])
+    f.fit({"text": x, "image": np.zeros((10, 2), np.float32)}, present)
+    meta, arrays = f.to_state()
+    assert set(arrays) == {"mean_text"}  # no photo: the image block is not centred
+    back = Fusion.from_state(json.loads(json.dumps(meta)), arrays)
+    assert back.describe() == f.describe() and back.blocks[1].mean is None
+    np.testing.assert_array_equal(back.blocks[0].mean, f.blocks[0].mean)
+    np.testing.assert_array_equal(back.fuse({"text": x, "image": x[:, :2]}, present),
+                                  f.fuse({"text": x, "image": x[:, :2]}, present))
+    bad = [
+        ({"blocks": []}, arrays),
+        ({"blocks": [{"name": "text", "dim": 3, "weight": 1.0, "centred": True}]}, {}),
+        ({"blocks": [{"name": "text", "dim": 4, "weight": 1.0, "centred": True}]}, arrays),
+        ({"blocks": [{"name": "text", "dim": True, "weight": 1.0}]}, {}),
+        ({"blocks": [{"name": "a b", "dim": 3, "weight": 1.0}]}, {}),
+        ({"blocks": [{"name": "text", "dim": 3, "weight": "1"}]}, {}),
+        ({"blocks": [{"name": "t", "dim": 3, "weight": 1.0}] * 2}, {}),
+        ({"blocks": [{"name": "text", "dim": 3, "weight": 1.0, "centred": True}]},
+         {"mean_text": np.array([1, 2, 3])}),
+    ]
+    for m, a in bad:
+        with pytest.raises(ValueError):
+            Fusion.from_state(m, a)

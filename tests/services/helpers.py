@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -124,3 +132,67 @@ class PhotoServer:
         for ev in self.released.values():
             ev.set()
         self.httpd.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """``vitrine serve`` (embedded: no broker) in its own process group, with the offline
+    models, on ``data``; ``env`` adds or overrides settings (``VITRINE_...``)."""
+
+    def __init__(self, data: Path, log: Path, **env: str) -> None:
+        from tests.conftest import ROOT
+        from tests.workers.helpers import worker_env
+
+        self.port = free_port()
+        full = worker_env("unused", data, **env)
+        full.pop("VITRINE_BROKER_URL")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vitrine.cli", "serve", "--port", str(self.port)],
+            cwd=ROOT, env=full, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_until(self.up, 120, every=0.2)
+
+    def up(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError("vitrine serve exited")
+        try:
+            return self.call("GET", "/health")[0] == 200
+        except OSError:
+            return False
+
+    def call(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
+             headers: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else raw
+        req = urllib.request.Request(f"{self.url}{path}", data=data, method=method,
+                                     headers={"content-type": "application/json",
+                                              **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def rss_peak_mb(self) -> float:
+        """The server process's peak resident memory (VmHWM), in MB."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmHWM")
+
+    def kill9(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill9()

@@ -6,79 +6,18 @@ mounted by the test (root, as in CI). Nothing in the product knows it is being t
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.workers.helpers import worker_env
-
-from .helpers import PhotoServer, copy_seed, wait_until
+from .helpers import PhotoServer, Server, copy_seed, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """``vitrine serve`` (embedded: no broker) in its own process group."""
-
-    def __init__(self, data: Path, log: Path) -> None:
-        self.port = _free_port()
-        env = worker_env("unused", data, VITRINE_RETRY_DELAY="0.5",
-                         VITRINE_ALLOW_PRIVATE_URLS="true")  # the test's photo server
-        env.pop("VITRINE_BROKER_URL")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vitrine.cli", "serve", "--port", str(self.port)],
-            cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-            start_new_session=True)
-        wait_until(self.up, 120, every=0.2)
-
-    def up(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError("vitrine serve exited")
-        try:
-            return self.call("GET", "/health")[0] == 200
-        except OSError:
-            return False
-
-    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
-                                     method=method, headers={"content-type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    def kill9(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill9()
 
 
 @pytest.fixture
@@ -86,7 +25,9 @@ def server_factory(tmp_path) -> Iterator[Any]:  # type: ignore[no-untyped-def]
     servers: list[Server] = []
 
     def make(data: Path) -> Server:
-        s = Server(data, tmp_path / "serve.log")
+        # VITRINE_ALLOW_PRIVATE_URLS: the test's photo server is on loopback
+        s = Server(data, tmp_path / "serve.log", VITRINE_RETRY_DELAY="0.5",
+                   VITRINE_ALLOW_PRIVATE_URLS="true")
         servers.append(s)
         return s
 

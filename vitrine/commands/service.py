@@ -97,15 +97,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from indexer.encoders.registry import ModelRegistry
-    from indexer.errors import VitrineError
     from indexer.runtime import Runtime, seed
     from indexer.state import open_store
-    from services.api import create_app
+    from services.api import check_settings, create_app
 
     settings = settings_from_args(args)
-    if settings.environment == "production" and not settings.api_key:
-        raise VitrineError("VITRINE_ENVIRONMENT=production needs VITRINE_API_KEY for the write "
-                           "endpoints")
+    check_settings(settings)  # before the models load and the catalog is seeded
     # fails fast, with a clear message, if the broker is down or another process owns the
     # data dir
     store = open_store(settings)
