@@ -107,6 +107,34 @@ def test_big_and_deep_json_is_refused_without_stalling_the_server(server: Server
     assert server.rss_peak_mb() - before < 250, (before, server.rss_peak_mb())
 
 
+def _big_png(w: int, h: int) -> bytes:
+    """A flat RGBA PNG of ``w`` x ``h`` pixels: megapixels in a few hundred KB."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGBA", (w, h), (200, 30, 30, 255)).save(buf, "PNG", optimize=False)
+    return buf.getvalue()
+
+
+def test_big_photos_cost_bounded_memory_on_the_server(server: Server) -> None:
+    import httpx
+
+    before = server.rss_peak_mb()
+    p25 = _big_png(5000, 5000)  # 25 MP: decoded (within the budget), never at full size twice
+    p100 = _big_png(10000, 10000)  # 100 MP: refused from its header
+    for _ in range(2):
+        r = httpx.post(f"{server.url}/search", data={"k": "3"},
+                       files={"image": ("p.png", p25, "image/png")}, timeout=60)
+        assert r.status_code == 200, r.text
+    r = httpx.post(f"{server.url}/search", data={"k": "3"},
+                   files={"image": ("p.png", p100, "image/png")}, timeout=60)
+    assert r.status_code == 413 and "decode" in r.json()["detail"], r.text
+    # the 25 MP PNG took ~400 MB to decode before, a 100 MP one 1.6 GB
+    assert server.rss_peak_mb() - before < 200, (before, server.rss_peak_mb())
+
+
 def test_malformed_input_answers_4xx_never_5xx(server: Server) -> None:
     for url in BAD_URLS:
         code, body = server.call("POST", "/listings",
