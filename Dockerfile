@@ -7,7 +7,9 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VITRINE_DATA_DIR=/data VITRINE_ENVIRONMENT=production
 WORKDIR /app
 
-# CPU-only torch wheels: the CUDA ones are several GB and unused here
+# CPU-only torch wheels: the CUDA ones are several GB and unused here. The product only:
+# without the `eval` extra (matplotlib, OpenCV, Jinja2 for `vitrine evaluate`'s study and
+# report); evaluation/ still ships for `vitrine bench`, which needs none of them.
 COPY pyproject.toml README.md ./
 COPY indexer ./indexer
 COPY services ./services

@@ -11,14 +11,22 @@ endif
 DATA ?= $(if $(wildcard $(SHARED)/data/flipkart-1050),$(SHARED)/data/flipkart-1050,data/flipkart)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo batch-demo data test check bench clean
+.PHONY: setup demo batch-demo data test test-fast check bench clean
 
 setup: .venv/.installed
 
+# PyPI's x86_64 torch wheels are CUDA builds (~6 GB with their nvidia-* wheels): without an
+# NVIDIA GPU, take torch==X+cpu from PyTorch's CPU index when it answers within 3 s.
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	.venv/bin/pip install -q -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+	@if ! command -v nvidia-smi >/dev/null 2>&1 && curl -fs -m 3 -o /dev/null $(TORCH_CPU_INDEX)/; \
+	then echo "setup: no NVIDIA GPU: CPU-only torch from $(TORCH_CPU_INDEX)"; \
+	  extra="--extra-index-url $(TORCH_CPU_INDEX)"; \
+	else echo "setup: torch from PyPI (NVIDIA GPU found, or the PyTorch CPU index unreachable)"; \
+	fi; \
+	.venv/bin/pip install -q $$extra -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) -c "import torch, torchvision, faiss, open_clip, timm, sentence_transformers"
 	touch $@
 
@@ -41,6 +49,10 @@ data:
 
 test: setup
 	VITRINE_TEST_SHARED=$(abspath $(SHARED)) $(PY) -m pytest
+
+# What needs neither the models nor a service process: ~40 s (CI runs everything: `make test`)
+test-fast: setup
+	VITRINE_TEST_SHARED=$(abspath $(SHARED)) $(PY) -m pytest -m "not slow"
 
 check: setup
 	.venv/bin/ruff check indexer workers services evaluation vitrine tests

@@ -1,12 +1,12 @@
 """``vitrine bench ingest``: listings/s through decode -> encode -> fuse -> index.
 
 The same listings are ingested twice in one run, into two copies of one seeded index: batched
-(``Vitrine.upsert`` on a slice, what ``vitrine ingest`` and the workers call: encoder batches
-of ``batch_size``, split over ``encode_lanes`` threads) and with a naive loop that upserts one
-listing at a time. The two are **interleaved** in rounds (a slice batched, the same slice one
-by one, next slice...) so that whatever else the machine is doing weighs on both alike; the
-ratio is the headline number. Then the batched path once more in a single lane, stage by
-stage, for the time of each stage.
+(``Vitrine.upsert`` on a slice: the embed -> fuse -> index steps the ingestion workers run,
+encoder batches of ``batch_size`` split over ``encode_lanes`` threads) and with a naive loop
+that upserts one listing at a time. The two are **interleaved** in rounds (a slice batched,
+the same slice one by one, next slice...) so that whatever else the machine is doing weighs on
+both alike; the ratio is the headline number. Then the batched path once more in a single
+lane, stage by stage, for the time of each stage.
 
 ``sweep=True`` adds the encoder speed grid: listings/s of each encoder per batch size and
 torch thread count, on the same listings.
@@ -26,10 +26,30 @@ import numpy as np
 from indexer.catalog import Listing, read_listings
 from indexer.encoders.base import configure_torch
 from indexer.encoders.registry import ModelRegistry
+from indexer.images import (
+    ImageLimits,
+    Photo,
+    as_photo,
+    decode_image,
+    image_limits,
+    read_image_bytes,
+)
 from indexer.pipeline import Embedded, Vitrine, entries, lexical_text, semantic_text
 from indexer.settings import Settings
 
 CSV_NAME = "flipkart_com-ecommerce_sample_1050.csv"
+
+
+def _photo(listing: Listing, limits: ImageLimits) -> Photo | None:
+    """The listing's photo decoded as the pipeline decodes it (``decode_image`` with the
+    settings' limits), or None when it has none."""
+    data = listing.image
+    if data is None:
+        return None
+    if isinstance(data, Photo):
+        return as_photo(data)
+    raw = data if isinstance(data, bytes) else read_image_bytes(data, limits["max_bytes"])
+    return decode_image(raw, **limits)
 
 
 def _seeded(settings: Settings, registry: ModelRegistry, seed_listings: list[Listing]) -> Vitrine:
@@ -66,7 +86,8 @@ def _ingest_batched(v: Vitrine, listings: Sequence[Listing], stages: dict[str, f
         if ienc is None:
             raise RuntimeError("image_model is off but the index has an image view")
         with stage("image_decode"):
-            imgs = [v._decode(x) for x in listings]
+            limits = image_limits(v.settings)
+            imgs = [_photo(x, limits) for x in listings]
         ok = [i for i, im in enumerate(imgs) if im is not None]
         img_vec = np.zeros((len(listings), ienc.dim), np.float32)
         if ok:
@@ -91,7 +112,8 @@ def encoder_sweep(
     cores = os.cpu_count() or 1
     threads = threads or sorted({1, cores})
     texts = [semantic_text(x) for x in listings]
-    imgs = [im for im in (v._decode(x) for x in listings) if im is not None]
+    limits = image_limits(v.settings)
+    imgs = [im for im in (_photo(x, limits) for x in listings) if im is not None]
     encoders = {"text": registry.text() if v.text_spec else None,
                 "image": registry.image() if v.image_spec else None}
     rows: list[dict[str, Any]] = []
@@ -143,7 +165,7 @@ def run_ingest_bench(
     for part in np.array_split(np.arange(len(batch)), rounds):
         chunk = [batch[i] for i in part]
         t0 = time.perf_counter()
-        batched.upsert(chunk)  # what `vitrine ingest` and the workers call
+        batched.upsert(chunk)  # the steps the ingestion workers run
         batched_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         for x in chunk:
@@ -164,7 +186,7 @@ def run_ingest_bench(
         "listings": len(batch),
         "rounds": rounds,
         "batch_size": bs,
-        "encode_lanes": batched._lanes(len(batch) // rounds),
+        "encode_lanes": batched.encode_lanes(len(batch) // rounds),
         "models": {"text": batched.text_spec, "image": batched.image_spec,
                    "lexical": batched.lexical is not None},
         "batched_listings_per_s": round(len(batch) / batched_s, 2),

@@ -34,6 +34,9 @@ PREPROCESSING = (
 
 
 def stem(word: str) -> str:
+    # Hand-written on purpose: it is the stemmer of the feasibility study (PREPROCESSING
+    # above), kept so that the study's BoW/TF-IDF numbers can be reproduced. A library stemmer
+    # (nltk's Porter/Snowball, not a dependency) cuts words differently and would change them.
     for suf in SUFFIXES:
         if word.endswith(suf) and len(word) - len(suf) >= 3:
             return word[: -len(suf)]

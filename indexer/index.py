@@ -109,24 +109,32 @@ def factory_string(kind: str, n: int, config: IndexConfig | None = None) -> str:
     raise ValueError(f"unknown index kind {kind!r}; choose from {KINDS}")
 
 
+def index_parameters(kind: str, config: IndexConfig | None = None) -> str:
+    """The ``faiss.ParameterSpace`` settings a ``kind`` index gets when built ("" for none)."""
+    cfg = config or IndexConfig()
+    if kind == "hnsw":
+        return f"efConstruction={cfg.hnsw_ef_construction},efSearch={cfg.hnsw_ef_search}"
+    if kind == "ivf_sq8":
+        return f"nprobe={cfg.nprobe}"
+    return ""
+
+
 def _empty_index(kind: str, x: np.ndarray, config: IndexConfig) -> tuple[Any, str]:
     """An empty, trained ``kind`` index for vectors like ``x``, and its factory string."""
     n, d = x.shape
     desc = factory_string(kind, n, config)
     index = faiss.index_factory(d, desc, faiss.METRIC_INNER_PRODUCT)
-    if kind == "hnsw":
-        hnsw = faiss.downcast_index(index.index)
-        hnsw.hnsw.efConstruction = config.hnsw_ef_construction
-        hnsw.hnsw.efSearch = config.hnsw_ef_search
-    elif kind == "ivf_sq8":
+    if kind == "ivf_sq8":
         ivf = faiss.extract_index_ivf(index)
         # faiss wants >= 39 points per centroid; more only slows training
         rng = np.random.default_rng(0)
         cap = 40 * ivf.nlist
         sample = x if n <= cap else x[np.sort(rng.choice(n, cap, replace=False))]
         index.train(np.ascontiguousarray(sample))
-        ivf.nprobe = config.nprobe
         ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct by id
+    params = index_parameters(kind, config)
+    if params:  # before any add: efConstruction shapes the graph
+        faiss.ParameterSpace().set_index_parameters(index, params)
     return index, desc
 
 
@@ -161,14 +169,12 @@ def index_bytes(index: Any) -> int:
 
 @dataclass(frozen=True)
 class SearchKnob:
-    name: str
+    name: str  # a faiss.ParameterSpace parameter (nprobe, efSearch); "exact": none
     value: int
 
     def apply(self, index: Any) -> None:
-        if self.name == "nprobe":
-            faiss.extract_index_ivf(index).nprobe = self.value
-        elif self.name == "efSearch":
-            faiss.downcast_index(index.index).hnsw.efSearch = self.value
+        if self.name != "exact":
+            faiss.ParameterSpace().set_index_parameter(index, self.name, self.value)
 
 
 def tune_ann(kind: str) -> list[SearchKnob]:
@@ -378,19 +384,17 @@ class IndexView:
         # a filter passing a share p of the base leaves ~p of the lists/graph nodes visited
         # usable, so the effort grows by 1/p, within a fixed cap: bounded work per query
         boost = ntotal / max(match.base, 1)
-        params: Any = None
+        # every knob of this search in its own params object: the shared base is never set
         if self.kind == "hnsw":
             ef = max(effort or cfg.hnsw_ef_search, k)
             ef = max(ef, min(math.ceil(ef * boost), cfg.max_effort))
-            params = faiss.SearchParametersHNSW(efSearch=ef)
+            params = faiss.SearchParametersHNSW(efSearch=ef, sel=sel)
         elif self.kind == "ivf_sq8":
             nprobe = effort or cfg.nprobe
             nprobe = max(nprobe, min(math.ceil(nprobe * boost), cfg.max_effort))
-            params = faiss.SearchParametersIVF(nprobe=min(nprobe, self.base.nlist))
-        elif sel is not None:
-            params = faiss.SearchParameters()
-        if sel is not None:
-            params.sel = sel
+            params = faiss.SearchParametersIVF(nprobe=min(nprobe, self.base.nlist), sel=sel)
+        else:
+            params = faiss.SearchParameters(sel=sel)
         scores, ids = self.base.search(q, k, params=params)
         return scores, ids
 

@@ -18,8 +18,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .encoders.registry import ModelRegistry
 from .errors import Overloaded, VitrineError
@@ -28,6 +29,9 @@ from .remote import fetch_image
 from .replica import Replica
 from .settings import Settings
 from .state import StateStore, StoreUnavailable, open_store
+
+if TYPE_CHECKING:
+    from .pipeline import Progress
 
 log = logging.getLogger(__name__)
 
@@ -200,11 +204,14 @@ class Runtime:
 
 
 def seed(settings: Settings, store: StateStore, catalog: Path, images: Path | None = None,
-         registry: ModelRegistry | None = None) -> str:
+         registry: ModelRegistry | None = None,
+         progress: Callable[[int], AbstractContextManager[Progress]] | None = None) -> str:
     """Build the base index from a labelled catalog CSV, once: refused when one exists.
 
     The snapshot is published first, then a ``reload`` entry tells running replicas to load
-    it. Returns a line for the operator.
+    it. Returns a line for the operator. ``progress(total)``, when given, is entered around
+    the embedding (a minute or more on CPU) and gives the callable told of each listing
+    embedded (the CLI's progress bar).
     """
     from .catalog import read_listings
     from .index import current_snapshot
@@ -217,7 +224,8 @@ def seed(settings: Settings, store: StateStore, catalog: Path, images: Path | No
     if not listings:
         raise VitrineError(f"no usable listing in {catalog}")
     v = Vitrine(settings, registry)
-    v.build(listings)
+    with progress(len(listings)) if progress else nullcontext(None) as update:
+        v.build(listings, update)
     v.save(root, {"log_pos": 0, "versions": {}})
     [pos] = store.append([{"op": "reload"}])
     if pos != 1:

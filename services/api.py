@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.resources
 import logging
 import os
 import time
@@ -29,8 +30,10 @@ from fastapi import Depends, FastAPI, HTTPException, Request, Security
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -326,10 +329,25 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         version="0.1.0",
         description="Categorize marketplace listings and find similar products.",
         lifespan=lifespan,
-        docs_url="/docs" if docs else None,
+        docs_url=None,  # served below, with Swagger UI's JS/CSS from the package: no CDN
         redoc_url=None,
         openapi_url="/openapi.json" if docs else None,
     )
+    if docs:  # FastAPI's "self-hosting JavaScript and CSS for docs" recipe
+        assets = "/docs/assets"  # fastapi-offline's copy of swagger-ui-dist 5 (OpenAPI 3.1)
+        app.mount(assets, StaticFiles(directory=str(
+            importlib.resources.files("fastapi_offline") / "static")), name="docs-assets")
+
+        @app.get("/docs", include_in_schema=False)
+        async def swagger_ui(request: Request) -> HTMLResponse:
+            root = request.scope.get("root_path", "").rstrip("/")
+            return get_swagger_ui_html(
+                openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - Swagger UI",
+                swagger_js_url=f"{root}{assets}/swagger-ui-bundle.js",
+                swagger_css_url=f"{root}{assets}/swagger-ui.css",
+                swagger_favicon_url=f"{root}{assets}/favicon.png",
+                swagger_ui_parameters=app.swagger_ui_parameters)
+
     app.state.settings = settings
     app.state.metrics = metrics = Metrics()
     if settings.cors_origins:

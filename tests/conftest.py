@@ -7,39 +7,33 @@ missing the session fails instead of skipping: a green run must mean the models 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from indexer.settings import Settings
+from tests.support.offline import CSV, IMAGE_WEIGHTS, TEXT_MODEL, offline_settings
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("VITRINE_TEST_SHARED", ROOT.parent / "shared")).resolve()
-TEXT_MODEL = SHARED / "models" / "all-MiniLM-L6-v2"
-IMAGE_WEIGHTS = SHARED / "models" / "mobilenet_v2_imagenet" / "model.safetensors"
-DATA_DIR = SHARED / "data" / "flipkart-1050"
-CSV = DATA_DIR / "flipkart_com-ecommerce_sample_1050.csv"
+# Fixtures that load the offline models or the dataset: a test using one is ``slow`` (left
+# out of `make test-fast`, which runs what needs neither, on small synthetic data).
+MODEL_FIXTURES = {"registry", "catalog", "small_catalog", "built", "seed_dir"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
+    if "not slow" in (session.config.option.markexpr or ""):
+        return  # `make test-fast`: nothing selected needs the models
     missing = [p for p in (TEXT_MODEL / "modules.json", IMAGE_WEIGHTS, CSV) if not p.exists()]
     if missing:
         raise pytest.UsageError(
             "offline models/data not found (set VITRINE_TEST_SHARED): "
             + ", ".join(str(p) for p in missing)
         )
-
-
-def offline_settings(**kw: object) -> Settings:
-    """Settings with the offline models; keyword arguments override."""
-    base: dict[str, object] = {
-        "text_model": str(TEXT_MODEL),
-        "image_model": f"torchvision:mobilenet_v2@{IMAGE_WEIGHTS}",
-        "torch_threads": 2,
-    }
-    base.update(kw)
-    return Settings(**base)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +83,7 @@ def built(settings, registry, small_catalog):  # type: ignore[no-untyped-def]
 def seed_dir(tmp_path_factory: pytest.TempPathFactory, settings, registry,  # type: ignore[no-untyped-def]
              small_catalog) -> Path:
     """A read-only data dir with a 70-listing index; tests copy it with ``copy_seed``."""
-    from tests.services.helpers import build_seed, seed_listings
+    from tests.support.service import build_seed, seed_listings
 
     return build_seed(tmp_path_factory.mktemp("seed"), settings, registry,
                       seed_listings(small_catalog))

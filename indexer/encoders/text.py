@@ -68,22 +68,20 @@ class SentenceTransformerEncoder:
             self.model = quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
 
     def encode(self, texts: Sequence[str], progress: Progress | None = None) -> np.ndarray:
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        # Sorting by length keeps padding small inside each batch.
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        for start in range(0, len(texts), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            emb = self.model.encode(
-                [texts[i] for i in idx],
-                batch_size=self.batch_size,
-                convert_to_numpy=True,
-                normalize_embeddings=True,
-                show_progress_bar=False,
-            )
-            out[idx] = emb
-            if progress:
-                progress(len(idx))
-        return out
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        # encode sorts the texts by length itself (similar lengths share a batch: little
+        # padding) and returns the vectors in the order given
+        out = self.model.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
+        if progress:  # once, when done: the pipeline calls this per chunk of listings
+            progress(len(texts))
+        return np.asarray(out, dtype=np.float32)
 
 
 class TfidfEncoder:

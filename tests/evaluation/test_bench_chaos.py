@@ -7,9 +7,8 @@ import uuid
 import pytest
 import redis
 
+from tests.support.offline import DATA_DIR, IMAGE_WEIGHTS, TEXT_MODEL
 from vitrine.cli import main
-
-from ..conftest import DATA_DIR, IMAGE_WEIGHTS, TEXT_MODEL
 
 REDIS = "redis://127.0.0.1:6379/0"
 

@@ -3,8 +3,7 @@
 import pytest
 
 from evaluation.bench_core import PROBE, run_core_bench
-
-from ..conftest import DATA_DIR
+from tests.support.offline import DATA_DIR
 
 
 @pytest.mark.slow

@@ -5,8 +5,7 @@ import pytest
 
 from evaluation.bench_ingest import run_ingest_bench
 from evaluation.bench_search import clustered_vectors, recall_at_k, run_search_bench
-
-from ..conftest import DATA_DIR
+from tests.support.offline import DATA_DIR
 
 
 def test_synthetic_vectors_are_clustered_not_uniform():

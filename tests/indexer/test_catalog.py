@@ -4,8 +4,7 @@ import pytest
 
 from indexer.catalog import make_listing, parse_category_tree, read_listings
 from indexer.errors import InvalidInput
-
-from ..conftest import CSV
+from tests.support.offline import CSV
 
 
 def test_category_tree_first_level_and_full_path():

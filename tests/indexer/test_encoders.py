@@ -8,8 +8,7 @@ from indexer.encoders.image import load_image_encoder, parse_image_spec
 from indexer.encoders.registry import ModelRegistry, load_text_encoder
 from indexer.encoders.text import TfidfEncoder, strip_boilerplate
 from indexer.errors import ModelSpecError
-
-from ..conftest import IMAGE_WEIGHTS, TEXT_MODEL, offline_settings
+from tests.support.offline import IMAGE_WEIGHTS, TEXT_MODEL, offline_settings
 
 
 def test_registry_loads_each_model_once(registry, settings):
@@ -75,16 +74,58 @@ def test_hub_text_path_with_random_weights(tmp_path):
     assert enc.encode(["a", "b c"]).shape == (2, 32)
 
 
-@pytest.mark.parametrize("spec, dim", [
+HUB_IMAGE_SPECS = [
     ("open_clip:ViT-B-32@random", 512),
     ("timm:legacy_xception@random", 2048),
     ("torchvision:resnet18@random", 512),
-])
-def test_hub_image_paths_with_random_weights(spec, dim):
-    enc = load_image_encoder(spec, batch_size=2)
+]
+
+
+@pytest.fixture(scope="module")
+def random_image_encoders():  # type: ignore[no-untyped-def]
+    """Each family's random-weight encoder, built once for this module's tests."""
+    built: dict[str, object] = {}
+
+    def get(spec: str):  # type: ignore[no-untyped-def]
+        if spec not in built:
+            built[spec] = load_image_encoder(spec, batch_size=2)
+        return built[spec]
+
+    yield get
+    built.clear()
+
+
+@pytest.mark.parametrize("spec, dim", HUB_IMAGE_SPECS)
+def test_hub_image_paths_with_random_weights(spec, dim, random_image_encoders):
+    enc = random_image_encoders(spec)
     e = enc.encode([Image.new("RGB", (300, 200), (i * 40, 90, 200)) for i in range(3)])
     assert e.shape == (3, dim)
     assert np.isfinite(e).all()
+
+
+@pytest.mark.parametrize("spec", [s for s, _ in HUB_IMAGE_SPECS])
+def test_every_family_letterboxes_photos_on_white(spec, random_image_encoders):
+    """A wide photo keeps its whole width (both ends) and is padded above and below with
+    white, normalised as the model normalises it: letterboxed, not centre-cropped."""
+    pre = random_image_encoders(spec).preprocess
+
+    def colour(rgb):  # a plain colour as the model sees it, (3,) normalised
+        return pre(Image.new("RGB", (64, 64), rgb))[:, 0, 0]
+
+    blue, red, green, white = (0, 0, 255), (255, 0, 0), (0, 255, 0), (255, 255, 255)
+    photo = Image.new("RGB", (360, 120), red)  # 3:1, a blue end on the left, a green one right
+    photo.paste(Image.new("RGB", (40, 120), blue), (0, 0))
+    photo.paste(Image.new("RGB", (40, 120), green), (320, 0))
+    x = pre(photo)
+    size = x.shape[-1]
+    assert x.shape == (3, size, size)
+    band = size // 3  # the photo fills the middle third of the rows
+    for rows in (x[:, : band - 2], x[:, -(band - 2):]):  # the bars, clear of the edge
+        np.testing.assert_allclose(rows.numpy(), np.broadcast_to(
+            colour(white).numpy()[:, None, None], rows.shape), atol=1e-4)
+    mid = x[:, size // 2]
+    for col, rgb in ((2, blue), (size // 2, red), (size - 3, green)):  # both ends are kept
+        np.testing.assert_allclose(mid[:, col].numpy(), colour(rgb).numpy(), atol=0.05)
 
 
 def test_inference_rewrite_is_exact_and_folds_batch_norm(registry, catalog):

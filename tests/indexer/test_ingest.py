@@ -14,7 +14,7 @@ import pytest
 
 from indexer.replica import Replica
 from indexer.runtime import Runtime
-from tests.services.helpers import copy_seed
+from tests.support.service import copy_seed
 
 pytestmark = pytest.mark.slow
 
@@ -184,7 +184,7 @@ def test_a_running_replica_follows_a_seed_once(tmp_path, settings, registry, sma
     from evaluation.bench_service import write_seed_csv
     from indexer.runtime import seed
     from indexer.state.sqlite_store import SqliteStore
-    from tests.conftest import CSV
+    from tests.support.offline import CSV
 
     s = settings.model_copy(update={"data_dir": tmp_path / "data", "broker_url": None})
     store = SqliteStore.open(s.data_dir)

@@ -10,8 +10,7 @@ from indexer.catalog import Listing
 from indexer.errors import ImageError, IndexMismatch, InvalidInput, NotFound
 from indexer.index import current_snapshot
 from indexer.pipeline import ListingMeta, Vitrine
-
-from ..conftest import offline_settings
+from tests.support.offline import offline_settings
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +125,7 @@ def test_parallel_lanes_embed_like_one_lane(settings, registry, small_catalog):
     listings = [*small_catalog[:23], bad, *small_catalog[23:40]]
     serial = Vitrine(settings.model_copy(update={"encode_lanes": 1, "batch_size": 4}), registry)
     lanes = Vitrine(settings.model_copy(update={"encode_lanes": 3, "batch_size": 4}), registry)
-    assert serial._lanes(len(listings)) == 1 and lanes._lanes(len(listings)) == 3
+    assert serial.encode_lanes(len(listings)) == 1 and lanes.encode_lanes(len(listings)) == 3
     seen: list[int] = []
     a = serial.embed(listings)
     b = lanes.embed(listings, progress=seen.append)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -19,15 +18,11 @@ import redis
 
 from indexer.state.model import Event, Outcome, StoreUnavailable
 from indexer.state.redis_store import RedisStore
+from tests.support.aof_redis import AofRedis
+from tests.support.service import free_port
 
 pytestmark = pytest.mark.slow
 REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_up(store: RedisStore, within_s: float = 15.0) -> None:
@@ -41,35 +36,6 @@ def wait_up(store: RedisStore, within_s: float = 15.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
-
-
-class AofRedis:
-    """A redis-server of our own, fsyncing every write to its append-only file."""
-
-    def __init__(self, data: Path) -> None:
-        self.data, self.port = data, free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
-             str(self.data), "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-            stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:  # until it listens; it may still be loading its AOF
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise
-                time.sleep(0.02)
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
 
 
 @pytest.fixture

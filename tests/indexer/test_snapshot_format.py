@@ -244,3 +244,15 @@ def test_a_newer_format_is_refused(root, settings, registry):
     edit_json(snap_of(root) / "manifest.json", lambda d: d.update(format=SNAPSHOT_FORMAT + 1))
     with pytest.raises(IndexMismatch, match="snapshot format"):
         Vitrine.load(root, settings, registry)
+
+
+def test_an_index_moves_to_where_its_models_live_at_another_path(root, settings, registry):
+    """The manifest records what the model specs name (local models by content): an index
+    built where the models were at one path loads where the same models are at another."""
+    snap = snap_of(root)
+    elsewhere = "/nonexistent/checkout/shared/models/all-MiniLM-L6-v2"
+    edit_json(snap / "manifest.json", lambda d: d.update(text_model=elsewhere))
+    Vitrine.load(root, settings, registry)  # the configured path has the same contents
+    edit_json(snap / "manifest.json", lambda d: d["model_identity"].update(text_model="other"))
+    with pytest.raises(IndexMismatch, match="text_model"):
+        Vitrine.load(root, settings, registry)

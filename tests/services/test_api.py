@@ -11,8 +11,7 @@ from fastapi.testclient import TestClient
 from indexer.runtime import Runtime
 from indexer.state.sqlite_store import SqliteStore
 from services.api import create_app
-
-from .helpers import b64, bomb_png, copy_seed, png, wait_until
+from tests.support.service import b64, bomb_png, copy_seed, png, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -236,8 +235,8 @@ def test_a_second_server_on_the_same_data_dir_exits_at_once(tmp_path, seed_dir) 
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
-    from tests.workers.helpers import worker_env
+    from tests.support.offline import ROOT
+    from tests.support.workers import worker_env
 
     data = copy_seed(seed_dir, tmp_path / "d")
     env = worker_env("unused", data)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from .helpers import PhotoServer, Server, copy_seed, wait_until
+from tests.support.service import PhotoServer, Server, copy_seed, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -8,9 +8,8 @@ from fastapi.testclient import TestClient
 
 from indexer.runtime import Runtime
 from services.api import create_app
-from tests.indexer.test_redis_store import AofRedis
-
-from .helpers import copy_seed, wait_until
+from tests.support.aof_redis import AofRedis
+from tests.support.service import copy_seed, wait_until
 
 pytestmark = pytest.mark.slow
 

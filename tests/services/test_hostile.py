@@ -19,8 +19,7 @@ from fastapi.testclient import TestClient
 from indexer.errors import VitrineError
 from indexer.runtime import Runtime
 from services.api import create_app
-
-from .helpers import PhotoServer, Server, b64, copy_seed, png, wait_until
+from tests.support.service import PhotoServer, Server, b64, copy_seed, png, wait_until
 
 pytestmark = pytest.mark.slow
 

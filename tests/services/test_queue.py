@@ -5,8 +5,7 @@ from __future__ import annotations
 import time
 
 from services.queue import WakeUps
-
-from .helpers import wait_until
+from tests.support.service import wait_until
 
 
 def test_a_burst_sends_few_wake_ups_and_one_after_the_last() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import Server, copy_seed
+from tests.support.service import Server, copy_seed
 
 pytestmark = pytest.mark.slow
 

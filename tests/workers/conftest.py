@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.services.helpers import copy_seed
-
-from .helpers import REDIS
+from tests.support.service import copy_seed
+from tests.support.workers import REDIS
 
 
 @pytest.fixture(scope="module")

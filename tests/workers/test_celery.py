@@ -17,10 +17,9 @@ from fastapi.testclient import TestClient
 
 from indexer.runtime import Runtime
 from services.api import create_app
-from tests.conftest import ROOT
-from tests.services.helpers import PhotoServer, b64, png, wait_until
-
-from .helpers import REDIS, Worker, inject, worker_env
+from tests.support.offline import ROOT
+from tests.support.service import PhotoServer, b64, png, wait_until
+from tests.support.workers import REDIS, Worker, inject, worker_env
 
 pytestmark = pytest.mark.slow
 # batches of 4 (so that a kill -9 lands between two of them); photos from the local server

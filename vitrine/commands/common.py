@@ -33,7 +33,17 @@ def settings_from_args(args: argparse.Namespace, **extra: Any) -> Settings:
             overrides[field] = value
     overrides.update({k: v for k, v in extra.items() if v is not None})
     # init kwargs take precedence over the environment, and are validated like it
-    return Settings(**overrides)
+    settings = Settings(**overrides)
+    # a local model by its absolute path, as `make` names it: an index records the spec,
+    # and a relative one would depend on the folder the command ran in
+    from indexer.encoders.registry import absolute_spec
+
+    changed = False
+    for kind, field in (("text", "text_model"), ("image", "image_model")):
+        spec = absolute_spec(kind, getattr(settings, field))
+        if spec != getattr(settings, field):
+            overrides[field], changed = spec, True
+    return Settings(**overrides) if changed else settings
 
 
 @contextmanager

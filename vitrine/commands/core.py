@@ -6,8 +6,11 @@ import argparse
 import csv
 import sys
 from pathlib import Path
+from typing import Any
 
 from .common import add_model_flags, print_json, progress_bar, settings_from_args
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"  # where `make demo` / `vitrine serve` listen
 
 
 def register(sub: argparse._SubParsersAction, _bench: object = None) -> argparse._SubParsersAction:
@@ -20,6 +23,9 @@ def register(sub: argparse._SubParsersAction, _bench: object = None) -> argparse
     p.add_argument("--images", type=Path, help="photos folder (default: images/ beside the CSV)")
     p.add_argument("--index", type=Path, required=True, help="index folder to write")
     p.add_argument("--bad-rows", type=Path, help="write rejected/degraded rows to this CSV")
+    p.add_argument("--force", action="store_true",
+                   help="replace the index already in --index (never one a running "
+                        "`vitrine serve` holds)")
     add_model_flags(p)
     p.set_defaults(func=cmd_index)
 
@@ -28,11 +34,19 @@ def register(sub: argparse._SubParsersAction, _bench: object = None) -> argparse
     p.add_argument("--index", type=Path, required=True)
     p.add_argument("--output", type=Path, required=True, help="CSV to write")
     p.add_argument("--images", type=Path, help="photos folder for the image column")
+    p.add_argument("--bad-rows", type=Path, help="write rejected/degraded rows to this CSV")
     add_model_flags(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("search", help="print the listings most similar to a text, photo or id")
-    p.add_argument("--index", type=Path, required=True)
+    p = sub.add_parser(
+        "search", help="print the listings most similar to a text, photo or id",
+        description="Search an index folder (--index: loads the models, seconds) or a running "
+                    f"`vitrine serve` (--server; without --index, {DEFAULT_SERVER} is asked).")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--index", type=Path, help="index folder to load and search here")
+    src.add_argument("--server", metavar="URL",
+                     help=f"a running `vitrine serve` (default without --index: "
+                          f"{DEFAULT_SERVER})")
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--text")
     q.add_argument("--image", type=Path)
@@ -77,6 +91,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     from indexer.pipeline import Vitrine
 
     settings = settings_from_args(args)
+    check_index_target(args.index, force=args.force)  # before minutes of encoding
     listings, bad = read_listings(args.catalog, args.images, require_category=True)
     if not listings:
         print(f"vitrine: error: no usable listing in {args.catalog}", file=sys.stderr)
@@ -90,6 +105,59 @@ def cmd_index(args: argparse.Namespace) -> int:
     print(f"indexed {len(v)} listings ({v.index.kind if v.index else '-'}, "
           f"dim {v.fusion.dim if v.fusion else 0}) -> {snap}")
     return 0
+
+
+def _server_lock_holder(folder: Path) -> str | None:
+    """The pid of the `vitrine serve` holding ``folder/LOCK`` (its data dir), else None."""
+    import fcntl
+    import os
+
+    try:
+        fd = os.open(folder / "LOCK", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)  # also releases a lock taken here
+    return None
+
+
+def check_index_target(index: Path, *, force: bool) -> None:
+    """Refuse to write an index where one is served or one already is (unless ``force``).
+
+    A running embedded `vitrine serve` holds an flock on ``DATA_DIR/LOCK`` and keeps its
+    index in ``DATA_DIR/index``: writing there (or into the data dir itself) would swap the
+    index under the server and out of step with its state store, so that is refused even
+    with ``--force``. Other folders beside it (``var/my-index``) are not the server's.
+    """
+    from indexer.errors import VitrineError
+    from indexer.index import current_snapshot
+
+    for folder in (index, index.parent) if index.name == "index" else (index,):
+        pid = _server_lock_holder(folder)
+        if pid is not None:
+            raise VitrineError(
+                f"{index} belongs to a running `vitrine serve` (pid {pid} holds "
+                f"{folder / 'LOCK'}): stop it first, or write the index elsewhere "
+                "(e.g. --index var/my-index)"
+            )
+    if force or not index.exists():
+        return
+    if not index.is_dir():
+        raise VitrineError(f"{index} is a file, not an index folder")
+    if current_snapshot(index) is not None:
+        raise VitrineError(
+            f"{index} already holds an index: pass --force to replace it, or choose another "
+            "folder"
+        )
+    if any(index.iterdir()):
+        raise VitrineError(
+            f"{index} is not empty and holds no vitrine index: pass --force to write there "
+            "anyway, or choose another folder"
+        )
 
 
 def _problem_rows(listings, problems):  # type: ignore[no-untyped-def]
@@ -116,12 +184,17 @@ def _report_bad(bad, path: Path | None) -> None:  # type: ignore[no-untyped-def]
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from indexer.catalog import read_listings
+    from indexer.knn import Vote
 
     v = _load(args)
     listings, bad = read_listings(args.input, args.images)
+    st = v.state()  # one view of the index for the whole batch
     with progress_bar(len(listings), "predicting") as update:
-        votes = v.classify_many(listings, update)
-    failed = {b.id for b in bad}
+        emb = v.embed(listings, update, state=st)
+    fused = v.fuse(emb, state=st)
+    votes = [Vote(None, 0.0, True, {}, []) if i in emb.failed
+             else v.vote_vector(fused[i], exclude=x.id, state=st)
+             for i, x in enumerate(listings)]
     with args.output.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["uniq_id", "category", "confidence", "uncertain", "neighbours"])
@@ -130,28 +203,102 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 x.id, vote.category or "", f"{vote.confidence:.4f}", int(vote.uncertain),
                 " ".join(n.id for n in vote.neighbours[:5]),
             ])
-    _report_bad(bad, None)
-    n_unc = sum(v.uncertain for v in votes)
-    print(f"predicted {len(votes)} listings ({n_unc} uncertain, {len(failed)} with problems) "
+    # refused rows (not in the output), then listings predicted from less than they had
+    # (an unusable photo: from the text only) or not at all (nothing usable: empty category)
+    bad_rows = list(bad) + _problem_rows(listings, emb.problems)
+    _report_bad(bad_rows, args.bad_rows)
+    n_unc = sum(vote.uncertain for vote in votes)
+    n_bad = len({b.id for b in bad_rows if b.id is not None}) + sum(b.id is None for b in bad_rows)
+    print(f"predicted {len(votes)} listings ({n_unc} uncertain, {n_bad} rows with problems"
+          f"{', see ' + str(args.bad_rows) if args.bad_rows and n_bad else ''}) "
           f"-> {args.output}")
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    if args.index is None:
+        hits = _search_server(args)
+    else:
+        hits = _search_local(args)
+    if args.json:
+        print_json(hits)
+        return 0
+    for rank, h in enumerate(hits, 1):
+        cat = (h.get("category") or "-")[:28]
+        print(f"{rank:>3}  {h['score']:6.3f}  {cat:<28}  {(h.get('title') or '')[:70]}  "
+              f"[{h['id']}]")
+    return 0
+
+
+def _search_local(args: argparse.Namespace) -> list[dict[str, Any]]:
     from indexer.images import read_image_bytes
 
     v = _load(args)
     image = read_image_bytes(args.image) if args.image else None
     hits = v.search(text=args.text, image=image, listing_id=args.listing_id, k=args.k,
                     category=args.category)
-    if args.json:
-        print_json([{"id": h.id, "score": h.score, "category": h.category, "title": h.title}
-                    for h in hits])
-        return 0
-    for rank, h in enumerate(hits, 1):
-        cat = (h.category or "-")[:28]
-        print(f"{rank:>3}  {h.score:6.3f}  {cat:<28}  {h.title[:70]}  [{h.id}]")
-    return 0
+    return [{"id": h.id, "score": h.score, "category": h.category, "title": h.title}
+            for h in hits]
+
+
+def _search_server(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """POST /search to a running `vitrine serve`: its models are loaded already."""
+    import base64
+    import logging
+    from urllib.parse import urlsplit
+
+    import httpx
+
+    from indexer.errors import VitrineError
+    from indexer.settings import Settings
+
+    url = (args.server or DEFAULT_SERVER).rstrip("/")
+    if urlsplit(url).scheme not in {"http", "https"}:
+        raise VitrineError(f"--server {url!r}: an http:// or https:// URL, please")
+    body: dict[str, object] = {"k": args.k}
+    if args.text is not None:
+        body["text"] = args.text
+    if args.listing_id is not None:
+        body["listing_id"] = args.listing_id
+    if args.category:
+        body["category"] = args.category
+    if args.image is not None:
+        try:
+            body["image_base64"] = base64.b64encode(args.image.read_bytes()).decode()
+        except OSError as e:
+            raise VitrineError(f"cannot read {args.image}: {e.strerror or e}") from None
+    settings = Settings()
+    key = settings.read_api_key or settings.api_key
+    headers = {"X-API-Key": key} if key else {}
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per request
+    host = urlsplit(url).hostname or ""
+    loopback = host in {"127.0.0.1", "localhost", "::1"}
+    try:
+        # a short connect timeout: no server there is said at once
+        with httpx.Client(timeout=httpx.Timeout(60.0, connect=2.0),
+                          trust_env=not loopback) as client:
+            r = client.post(f"{url}/search", json=body, headers=headers)
+    except httpx.HTTPError as e:
+        if args.server:
+            raise VitrineError(f"no vitrine server answers at {url} ({e})") from None
+        raise VitrineError(
+            f"no --index given and no vitrine server answers at {url}: start one "
+            "(`make demo` or `vitrine serve`), pass --server URL, or search an index "
+            "folder with --index DIR"
+        ) from None
+    try:
+        payload = r.json()
+    except ValueError:
+        payload = None
+    if r.status_code != 200:
+        detail = payload.get("detail") if isinstance(payload, dict) else r.text[:200]
+        hint = (" (set VITRINE_READ_API_KEY or VITRINE_API_KEY)"
+                if r.status_code == 401 else "")
+        raise VitrineError(f"{url}/search answered {r.status_code}: {detail}{hint}")
+    if not isinstance(payload, dict) or not isinstance(payload.get("results"), list):
+        raise VitrineError(f"{url}/search: not a vitrine server's answer")
+    print(f"vitrine: searched the server at {url}", file=sys.stderr)
+    return list(payload["results"])
 
 
 def cmd_bench_core(args: argparse.Namespace) -> int:

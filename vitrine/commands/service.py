@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .common import add_model_flags, settings_from_args
+from .common import add_model_flags, progress_bar, settings_from_args
 
 
 def register(sub: argparse._SubParsersAction, bench_sub: object = None) -> None:
@@ -103,13 +103,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     check_settings(settings)  # before the models load and the catalog is seeded
+    check_port(args.host, args.port)  # now, not after seconds of model loading
     # fails fast, with a clear message, if the broker is down or another process owns the
     # data dir
     store = open_store(settings)
     registry = ModelRegistry(settings)  # one load of each model for the seeding and serving
     try:
         if args.catalog:
-            print(seed(settings, store, args.catalog, args.images, registry), file=sys.stderr)
+            # first run: a bar on stderr while the catalog is embedded (a minute or more)
+            print(seed(settings, store, args.catalog, args.images, registry,
+                       progress=lambda n: progress_bar(n, "seeding the index")),
+                  file=sys.stderr)
         runtime = Runtime(settings, registry, store)
     except BaseException:
         store.close()
@@ -119,13 +123,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"vitrine: serving on {base} ({mode} mode, state in {settings.data_dir}); "
           f"API docs at {base}/docs. Try:\n"
           f"  curl -s {base}/search -H 'content-type: application/json' "
-          "-d '{\"text\": \"analog wrist watch for men\", \"k\": 5}'", file=sys.stderr)
+          "-d '{\"text\": \"analog wrist watch for men\", \"k\": 5}'\n"
+          f"  vitrine search{_server_flag(base)} --text 'analog wrist watch for men' -k 5",
+          file=sys.stderr)
     try:
         uvicorn.run(create_app(settings, runtime), host=args.host, port=args.port,
                     log_level="info", timeout_graceful_shutdown=10)
     finally:
         runtime.stop()
     return 0
+
+
+def _server_flag(base: str) -> str:
+    """The ``--server`` flag `vitrine search` needs to reach ``base`` (none for its default)."""
+    from .core import DEFAULT_SERVER
+
+    return "" if base == DEFAULT_SERVER else f" --server {base}"
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail with a clear message when ``host:port`` cannot be listened on (a server there
+    already, or an address not of this machine), as uvicorn binds it: SO_REUSEADDR set."""
+    import errno
+    import socket
+
+    from indexer.errors import VitrineError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except socket.gaierror as e:
+            raise VitrineError(f"--host {host!r}: {e.strerror}") from None
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise VitrineError(
+                    f"port {port} on {host} is already in use (another `vitrine serve`, "
+                    "`make demo`?): stop it, or pick another port with --port "
+                    "(`make demo PORT=...`)"
+                ) from None
+            raise VitrineError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

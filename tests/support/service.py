@@ -145,8 +145,8 @@ class Server:
     models, on ``data``; ``env`` adds or overrides settings (``VITRINE_...``)."""
 
     def __init__(self, data: Path, log: Path, **env: str) -> None:
-        from tests.conftest import ROOT
-        from tests.workers.helpers import worker_env
+        from tests.support.offline import ROOT
+        from tests.support.workers import worker_env
 
         self.port = free_port()
         full = worker_env("unused", data, **env)

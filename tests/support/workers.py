@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import IMAGE_WEIGHTS, ROOT, TEXT_MODEL
+from tests.support.offline import IMAGE_WEIGHTS, ROOT, TEXT_MODEL
 
 REDIS = "redis://127.0.0.1:6379/0"
 
