@@ -40,7 +40,7 @@ demo: setup data
 
 # The batch CLI on the same catalog: index, categorize every row, search.
 batch-demo: setup data
-	$(VITRINE) index --catalog $(DATA)/flipkart_com-ecommerce_sample_1050.csv --index var/batch-index
+	$(VITRINE) index --catalog $(DATA)/flipkart_com-ecommerce_sample_1050.csv --index var/batch-index --force
 	$(VITRINE) predict $(DATA)/flipkart_com-ecommerce_sample_1050.csv --index var/batch-index --output var/predictions.csv
 	$(VITRINE) search --index var/batch-index --text "analog wrist watch for men" -k 5
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class VitrineError(Exception):
     """Base class of every error vitrine raises on purpose."""
@@ -41,3 +43,17 @@ class IndexMismatch(VitrineError):
 
 class NotFound(VitrineError):
     """An unknown listing id."""
+
+
+def public_reason(e: BaseException) -> str:
+    """What an error may say outside the process (``/health``): its kind, and for an OS error
+    the system's reason ("No space left on device"); never its message, which can carry
+    paths, hosts or addresses (those go to the log). Our own store errors are written to be
+    shown."""
+    from .state.model import StoreUnavailable
+
+    if isinstance(e, StoreUnavailable):
+        return str(e)
+    if isinstance(e, OSError) and e.errno:
+        return f"{type(e).__name__}: {os.strerror(e.errno)}"
+    return type(e).__name__

@@ -246,7 +246,7 @@ def _decode(
         target, cost = _prepare(img, data, thumbnail)
         _check(img.format or "?", (w, h), cost, max_pixels, max_decode_bytes)
         if cost > LARGE_DECODE_BYTES:
-            slot.enter_context(_SLOTS.hold(decode_slots or os.cpu_count() or 1))
+            slot.enter_context(_SLOTS.hold(decode_slots or len(os.sched_getaffinity(0))))
         return _decode_large(img, target)
     finally:
         img.close()
@@ -560,7 +560,9 @@ class _DecodeSlots:
         finally:
             with self._cond:
                 self._busy -= 1
-                self._cond.notify()
+                # all: a waiter woken by notify() may hold a smaller capacity and go back to
+                # sleep, swallowing the wake-up another waiter needed
+                self._cond.notify_all()
 
 
 _SLOTS = _DecodeSlots()

@@ -822,6 +822,10 @@ class VectorIndex:
                 np.count_nonzero(self._alive[: self._delta_start]))
             if not (len(self._alive) == len(self._labelled) == len(self._slot_ids) == n):
                 raise IndexMismatch(f"index files in {directory} disagree on the slot count")
+            if len(self._category) != n or (n and not (
+                    -1 <= int(self._category.min())
+                    and int(self._category.max()) < len(self._categories))):
+                raise IndexMismatch(f"category.npy in {directory} does not fit its categories")
             self._view = self._publish([])
             self._maybe_merge()
         return self
@@ -913,7 +917,11 @@ def read_snapshot(root: Path) -> tuple[Path, dict[str, Any]] | None:
         extra = json.loads((snap / "extra.json").read_text())
     except FileNotFoundError:
         extra = {}
-    return snap, dict(extra)
+    except ValueError as e:
+        raise IndexMismatch(f"{snap}/extra.json is not JSON ({e})") from e
+    if not isinstance(extra, dict):
+        raise IndexMismatch(f"{snap}/extra.json is not a JSON object")
+    return snap, extra
 
 
 def _fsync(path: Path) -> None:

@@ -712,8 +712,9 @@ class Vitrine:
             index = VectorIndex.read(snap, self._index_config())
         except FileNotFoundError:
             raise
-        except (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError) as e:
-            # RuntimeError: FAISS on a corrupt base.faiss; ValueError: a pickled .npy
+        except (OSError, ValueError, KeyError, TypeError, IndexError, EOFError, RuntimeError) as e:
+            # RuntimeError: FAISS on a corrupt base.faiss; ValueError: a pickled .npy;
+            # IndexError: slot tables that disagree
             raise IndexMismatch(f"the index files of snapshot {snap} cannot be read ({e}): "
                                 "rebuild the index with `vitrine index`") from e
         if index.dim != fusion.dim:

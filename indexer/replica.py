@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import IndexMismatch, NotFound
+from .errors import IndexMismatch, NotFound, public_reason
 from .index import CURRENT, current_snapshot
 from .pipeline import ListingMeta, Vitrine
 from .settings import Settings
@@ -232,8 +232,8 @@ class Replica:
                 self.last_error = None
                 self.maybe_snapshot()
             except Exception as e:  # keep tailing: a broker blip must not kill the replica
-                self.last_error = f"{type(e).__name__}: {e}"
-                log.warning("replication tail failed (%s); retrying", self.last_error)
+                self.last_error = public_reason(e)
+                log.warning("replication tail failed; retrying", exc_info=True)
                 self._stop.wait(0.5)
 
     def maybe_snapshot(self, force: bool = False) -> bool:
@@ -252,8 +252,8 @@ class Replica:
         except StoreUnavailable:
             raise
         except Exception as e:  # e.g. disk full: report it, keep serving, try again later
-            self.last_snapshot_error = f"{type(e).__name__}: {e}"
-            log.warning("writing a snapshot failed: %s", self.last_snapshot_error)
+            self.last_snapshot_error = public_reason(e)
+            log.warning("writing a snapshot failed", exc_info=True)
             return False
 
     def snapshot(self) -> bool:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .encoders.registry import ModelRegistry
-from .errors import Overloaded, VitrineError
+from .errors import Overloaded, VitrineError, public_reason
 from .ingest import Ingestor
 from .remote import fetch_image
 from .replica import Replica
@@ -129,7 +129,7 @@ class Runtime:
                 self._stop.wait(1.0)
                 continue
             except Exception as e:  # never let the consumer die: /health says why
-                self.consumer_error = f"{type(e).__name__}: {e}"
+                self.consumer_error = public_reason(e)
                 log.exception("ingest round failed")
                 self._stop.wait(1.0)
                 continue

@@ -129,9 +129,6 @@ class Settings(BaseSettings):
     max_query_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="Largest body of /search and /classify (a "
         "query photo; listings get max_request_bytes).")
-    max_json_values: int = Field(
-        10_000, ge=16, description="JSON bodies with more values (counted from their "
-        "',', '[' and '{') are refused before parsing: every route takes one flat object.")
 
     # --- service (services/, workers/) ----------------------------------------------------
     redis_prefix: str = Field(

@@ -547,7 +547,7 @@ class QueryPool:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.size = max(1, os.cpu_count() or 1)
+        self.size = max(1, len(os.sched_getaffinity(0)))  # the cores this process may use
         self._pool: ThreadPoolExecutor | None = None
 
     def start(self, rt: Runtime) -> None:

@@ -84,13 +84,17 @@ def _load_encoder(kind: str, spec: str, *, batch_size: int, device: str) -> Any:
 
 
 def _about_download(e: BaseException) -> bool:
-    """Whether a load error (or its cause) is about files to download."""
-    words = ("offline", "cache", "connect", "download", "resolve", "hub")
+    """Whether a load error comes from a file that would have to be downloaded: the hub
+    client's own error types, anywhere in the chain (transformers and open_clip wrap them)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen: set[int] = set()
     cause: BaseException | None = e
-    while cause is not None:
-        if any(w in str(cause).lower() for w in words):
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, LocalEntryNotFoundError | OfflineModeIsEnabled):
             return True
-        cause = cause.__cause__
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
     return False
 
 
