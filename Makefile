@@ -50,7 +50,7 @@ data:
 test: setup
 	VITRINE_TEST_SHARED=$(abspath $(SHARED)) $(PY) -m pytest
 
-# What needs neither the models nor a service process: ~40 s (CI runs everything: `make test`)
+# What needs neither the models nor a service process: about a minute (CI runs everything)
 test-fast: setup
 	VITRINE_TEST_SHARED=$(abspath $(SHARED)) $(PY) -m pytest -m "not slow"
 

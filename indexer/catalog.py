@@ -219,7 +219,7 @@ def read_listings(
             elif candidate.is_file():
                 image = candidate
             else:
-                image_problem = f"photo {image_name!r} not found; categorized from text only"
+                image_problem = f"photo {image_name!r} not found; indexed from text only"
         try:
             listing = make_listing(
                 rid or "",
