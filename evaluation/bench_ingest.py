@@ -26,30 +26,11 @@ import numpy as np
 from indexer.catalog import Listing, read_listings
 from indexer.encoders.base import configure_torch
 from indexer.encoders.registry import ModelRegistry
-from indexer.images import (
-    ImageLimits,
-    Photo,
-    as_photo,
-    decode_image,
-    image_limits,
-    read_image_bytes,
-)
+from indexer.images import image_limits, load_photo
 from indexer.pipeline import Embedded, Vitrine, entries, lexical_text, semantic_text
 from indexer.settings import Settings
 
 CSV_NAME = "flipkart_com-ecommerce_sample_1050.csv"
-
-
-def _photo(listing: Listing, limits: ImageLimits) -> Photo | None:
-    """The listing's photo decoded as the pipeline decodes it (``decode_image`` with the
-    settings' limits), or None when it has none."""
-    data = listing.image
-    if data is None:
-        return None
-    if isinstance(data, Photo):
-        return as_photo(data)
-    raw = data if isinstance(data, bytes) else read_image_bytes(data, limits["max_bytes"])
-    return decode_image(raw, **limits)
 
 
 def _seeded(settings: Settings, registry: ModelRegistry, seed_listings: list[Listing]) -> Vitrine:
@@ -87,7 +68,7 @@ def _ingest_batched(v: Vitrine, listings: Sequence[Listing], stages: dict[str, f
             raise RuntimeError("image_model is off but the index has an image view")
         with stage("image_decode"):
             limits = image_limits(v.settings)
-            imgs = [_photo(x, limits) for x in listings]
+            imgs = [load_photo(x.image, limits) for x in listings]
         ok = [i for i, im in enumerate(imgs) if im is not None]
         img_vec = np.zeros((len(listings), ienc.dim), np.float32)
         if ok:
@@ -113,7 +94,7 @@ def encoder_sweep(
     threads = threads or sorted({1, cores})
     texts = [semantic_text(x) for x in listings]
     limits = image_limits(v.settings)
-    imgs = [im for im in (_photo(x, limits) for x in listings) if im is not None]
+    imgs = [im for im in (load_photo(x.image, limits) for x in listings) if im is not None]
     encoders = {"text": registry.text() if v.text_spec else None,
                 "image": registry.image() if v.image_spec else None}
     rows: list[dict[str, Any]] = []

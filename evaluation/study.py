@@ -22,7 +22,7 @@ import numpy as np
 
 from indexer.catalog import Listing, read_listings
 from indexer.encoders.registry import ModelRegistry
-from indexer.images import decode_image, read_image_bytes
+from indexer.images import ImageLimits, load_photo
 from indexer.pipeline import Embedded, semantic_text
 from indexer.settings import Settings
 
@@ -135,18 +135,15 @@ def load_images(listings: list[Listing], progress: bool) -> list[Any]:
     out: list[Any] = []
     with _bar(len(listings), "photos", progress) as bar:
         for x in listings:
-            im = None
-            if x.image is not None:
-                try:
-                    if isinstance(x.image, str | Path):
-                        im = decode_image(read_image_bytes(x.image))
-                    elif isinstance(x.image, bytes):
-                        im = decode_image(x.image)
-                    else:  # already decoded
-                        im = x.image.copy()
+            try:
+                im = load_photo(x.image, ImageLimits())
+                if im is not None:
+                    if im is x.image:  # given decoded: shrunk next, so not in place
+                        im = im.copy()
                     im.thumbnail((384, 384))
-                except Exception as e:  # noqa: BLE001 - a bad photo is reported, not fatal
-                    log.warning("photo of %s unusable: %s", x.id, e)
+            except Exception as e:  # noqa: BLE001 - a bad photo is reported, not fatal
+                log.warning("photo of %s unusable: %s", x.id, e)
+                im = None
             out.append(im)
             bar.update(1)
     return out

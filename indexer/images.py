@@ -156,6 +156,19 @@ def read_image_bytes(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> by
     return p.read_bytes()
 
 
+def load_photo(image: bytes | str | Path | Photo | None, limits: ImageLimits) -> Photo | None:
+    """A listing's photo as the encoders take it: decoded with ``limits`` from bytes or a
+    file, or, when given already decoded (a ``PIL.Image``, e.g. by the API, which decodes to
+    validate), used as it is (:func:`as_photo`: no second decode). None when there is none."""
+    if image is None:
+        return None
+    if isinstance(image, Photo):
+        return as_photo(image)
+    max_bytes = limits.get("max_bytes", DEFAULT_MAX_BYTES)
+    raw = image if isinstance(image, bytes) else read_image_bytes(image, max_bytes)
+    return decode_image(raw, **limits)
+
+
 def decode_image(
     data: bytes,
     *,

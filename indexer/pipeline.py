@@ -32,7 +32,7 @@ from .encoders.registry import ModelRegistry, is_off
 from .encoders.text import TfidfEncoder, strip_boilerplate
 from .errors import ImageError, IndexMismatch, InvalidInput, NotFound
 from .fusion import Block, Fusion
-from .images import Photo, as_photo, decode_image, image_limits, read_image_bytes
+from .images import Photo, image_limits, load_photo
 from .index import (
     IndexConfig,
     IndexView,
@@ -313,19 +313,6 @@ class Vitrine:
         if self.image_spec:
             self.registry.get("image", self.image_spec)
 
-    def _decode(self, listing: Listing) -> Any:
-        """The listing's photo decoded (:func:`indexer.images.decode_image` with the
-        settings' limits), or None. A photo given already decoded (a ``PIL.Image``, e.g. by
-        the API, which decodes to validate) is used as it is, not decoded again."""
-        data = listing.image
-        if data is None:
-            return None
-        if isinstance(data, Photo):
-            return as_photo(data)
-        limits = image_limits(self.settings)
-        raw = data if isinstance(data, bytes) else read_image_bytes(data, limits["max_bytes"])
-        return decode_image(raw, **limits)
-
     def embed(self, listings: Sequence[Listing], progress: Progress | None = None, *,
               state: State | None = None) -> Embedded:
         """Encode every modality of ``listings``. Bad photos drop the image modality only.
@@ -397,6 +384,7 @@ class Vitrine:
                     [lexical_text(listings[r]) for r in rows]
                 )
             if "image" in vectors:
+                limits = image_limits(self.settings)
                 # decoded photos (up to 4 MiB each at 1024 px) are encoded as soon as a
                 # group of whole encoder batches is ready: a chunk never holds them all
                 bs = max(1, int(getattr(ienc, "batch_size", self.settings.batch_size)))
@@ -404,7 +392,7 @@ class Vitrine:
                 imgs, img_rows = [], []
                 for i, x in enumerate(chunk):
                     try:
-                        im = self._decode(x)
+                        im = load_photo(x.image, limits)
                     except ImageError as e:
                         problems[start + i] = f"photo unusable ({e}); indexed from text only"
                         photo_errors[start + i] = e
@@ -609,6 +597,13 @@ class Vitrine:
     def classify_many(
         self, listings: Sequence[Listing], progress: Progress | None = None
     ) -> list[Vote]:
+        return self.classify_reporting(listings, progress)[0]
+
+    def classify_reporting(
+        self, listings: Sequence[Listing], progress: Progress | None = None
+    ) -> tuple[list[Vote], dict[int, str]]:
+        """Votes of ``listings`` from one view of the index, and by row what was wrong
+        with a listing (an unusable photo: voted from its text; nothing usable: no vote)."""
         st = self.state()
         emb = self.embed(listings, progress, state=st)
         fused = self.fuse(emb, state=st)
@@ -618,7 +613,7 @@ class Vitrine:
                 out.append(Vote(None, 0.0, True, {}, []))
             else:
                 out.append(self.vote_vector(fused[i], exclude=x.id, state=st))
-        return out
+        return out, emb.problems
 
     # --- persistence ----------------------------------------------------------------------
     def save(self, root: str | Path, extra: dict[str, Any] | None = None,

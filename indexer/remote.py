@@ -37,12 +37,15 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import httpcore
 
 from .errors import ImageError, ImageTooLarge
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +350,22 @@ def _ip_or_none(host: str) -> IPAddress | None:
         return ipaddress.ip_address(host)
     except ValueError:
         return None
+
+
+class UrlPolicy(TypedDict):
+    """Keyword arguments of :func:`check_url` and :func:`fetch_image` taken from the
+    settings: which hosts a photo may come from, and through what."""
+
+    allow_private: bool
+    allow_networks: Sequence[str]
+    proxy: str | None
+
+
+def url_policy(settings: Settings) -> UrlPolicy:
+    """The URL policy configured in ``settings``: the API checks a posted ``image_url`` and
+    the consumer fetches it under the same one."""
+    return UrlPolicy(allow_private=settings.allow_private_urls,
+                     allow_networks=settings.fetch_allow_networks, proxy=settings.fetch_proxy)
 
 
 def check_url(

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from .encoders.registry import ModelRegistry
 from .errors import Overloaded, VitrineError, public_reason
 from .ingest import Ingestor
-from .remote import fetch_image
+from .remote import fetch_image, url_policy
 from .replica import Replica
 from .settings import Settings
 from .state import StateStore, StoreUnavailable, open_store
@@ -86,8 +86,7 @@ class Runtime:
     def _fetch(self, url: str) -> bytes:
         s = self.settings
         return fetch_image(url, max_bytes=s.max_image_bytes, timeout=s.fetch_timeout,
-                           deadline=s.fetch_deadline, allow_private=s.allow_private_urls,
-                           allow_networks=s.fetch_allow_networks, proxy=s.fetch_proxy)
+                           deadline=s.fetch_deadline, **url_policy(s))
 
     # --- lifecycle --------------------------------------------------------------------------
     def start(self, *, consume: bool | None = None) -> None:

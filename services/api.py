@@ -59,7 +59,7 @@ from indexer.errors import (
     PayloadTooLarge,
     VitrineError,
 )
-from indexer.remote import check_url
+from indexer.remote import MAX_URL_LENGTH, check_url, url_policy
 from indexer.runtime import BACKLOG_RETRY_AFTER, Runtime
 from indexer.settings import Settings
 from indexer.state import StoreUnavailable
@@ -100,8 +100,8 @@ class ListingIn(_In):
     description: str | None = Field(None, max_length=MAX_DESCRIPTION_CHARS)
     image_base64: str | None = Field(None, description="The photo (JPEG, PNG, WebP...), "
                                      "base64; or send it as the multipart file `image`")
-    image_url: str | None = Field(None, max_length=2048, description="A public http(s) URL "
-                                  "the workers download the photo from")
+    image_url: str | None = Field(None, max_length=MAX_URL_LENGTH, description="A public "
+                                  "http(s) URL the workers download the photo from")
     category: str | None = Field(None, max_length=MAX_TITLE_CHARS,
                                  description="The seller's label, optional.")
 
@@ -408,8 +408,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         if image is not None:
             validate_photo(image, settings)
         if q.image_url is not None:
-            check_url(q.image_url, settings.allow_private_urls,
-                      allow_networks=settings.fetch_allow_networks, proxy=settings.fetch_proxy)
+            check_url(q.image_url, **url_policy(settings))
         listing = make_listing(q.id, q.title, q.description, image=image, category=q.category)
         if not listing.title and not listing.description and image is None \
                 and q.image_url is None:

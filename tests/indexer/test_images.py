@@ -425,12 +425,14 @@ def photo_only(monkeypatch):
     from indexer.settings import Settings
 
     calls = []
+    original = images.decode_image
 
     def counting(*a, **kw):
         calls.append(1)
-        return images.decode_image(*a, **kw)
+        return original(*a, **kw)
 
-    monkeypatch.setattr(pipeline, "decode_image", counting)
+    # where the pipeline's photos are decoded (load_photo)
+    monkeypatch.setattr(images, "decode_image", counting)
     registry = _Registry()
     v = pipeline.Vitrine(
         Settings(text_model="none", image_model="fake:photo", lexical=False, encode_lanes=1),

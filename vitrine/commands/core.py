@@ -184,17 +184,11 @@ def _report_bad(bad, path: Path | None) -> None:  # type: ignore[no-untyped-def]
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from indexer.catalog import read_listings
-    from indexer.knn import Vote
 
     v = _load(args)
     listings, bad = read_listings(args.input, args.images)
-    st = v.state()  # one view of the index for the whole batch
     with progress_bar(len(listings), "predicting") as update:
-        emb = v.embed(listings, update, state=st)
-    fused = v.fuse(emb, state=st)
-    votes = [Vote(None, 0.0, True, {}, []) if i in emb.failed
-             else v.vote_vector(fused[i], exclude=x.id, state=st)
-             for i, x in enumerate(listings)]
+        votes, problems = v.classify_reporting(listings, update)
     with args.output.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["uniq_id", "category", "confidence", "uncertain", "neighbours"])
@@ -205,7 +199,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             ])
     # refused rows (not in the output), then listings predicted from less than they had
     # (an unusable photo: from the text only) or not at all (nothing usable: empty category)
-    bad_rows = list(bad) + _problem_rows(listings, emb.problems)
+    bad_rows = list(bad) + _problem_rows(listings, problems)
     _report_bad(bad_rows, args.bad_rows)
     n_unc = sum(vote.uncertain for vote in votes)
     n_bad = len({b.id for b in bad_rows if b.id is not None}) + sum(b.id is None for b in bad_rows)
