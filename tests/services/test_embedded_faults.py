@@ -24,10 +24,10 @@ pytestmark = pytest.mark.slow
 def server_factory(tmp_path) -> Iterator[Any]:  # type: ignore[no-untyped-def]
     servers: list[Server] = []
 
-    def make(data: Path) -> Server:
+    def make(data: Path, **env: str) -> Server:
         # VITRINE_ALLOW_PRIVATE_URLS: the test's photo server is on loopback
         s = Server(data, tmp_path / "serve.log", VITRINE_RETRY_DELAY="0.5",
-                   VITRINE_ALLOW_PRIVATE_URLS="true")
+                   VITRINE_ALLOW_PRIVATE_URLS="true", **env)
         servers.append(s)
         return s
 
@@ -42,7 +42,10 @@ def test_kill9_during_ingest_many_times_loses_nothing(tmp_path, seed_dir, server
     acked: dict[str, int] = {}  # id -> version of its last acknowledged post
     n = 0
     for _ in range(6):
-        server = server_factory(data)
+        # every kill mid-round counts an attempt of the listings in the round (a consumer
+        # that dies is how poison shows): more attempts than kills, so that none of the six
+        # kills dead-letters a listing (CI once saw one given up after 3, on a slow run)
+        server = server_factory(data, VITRINE_MAX_ATTEMPTS="10")
         deadline = time.monotonic() + rng.uniform(0.5, 3.0)
         while time.monotonic() < deadline:  # posts (some re-posts) while it indexes
             lid = f"kk-{rng.randrange(max(1, n // 2 + 1))}" if n % 3 == 0 else f"kk-{n}"
@@ -52,7 +55,7 @@ def test_kill9_during_ingest_many_times_loses_nothing(tmp_path, seed_dir, server
             acked[lid] = body["version"]
             n += 1
         server.kill9()  # mid-ingest, no snapshot, no clean shutdown
-    server = server_factory(data)
+    server = server_factory(data, VITRINE_MAX_ATTEMPTS="10")
 
     def final() -> bool:
         return all(server.call("GET", f"/listings/{lid}")[1].get("status") == "indexed"
