@@ -790,6 +790,11 @@ class VectorIndex:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return
+            if t.ident is None:
+                # published by _maybe_merge an instant before its start(): joining it now
+                # would raise; it starts in a moment
+                time.sleep(0.001)
+                continue
             t.join(left)
 
     # --- persistence --------------------------------------------------------------------
