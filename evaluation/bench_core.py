@@ -21,12 +21,20 @@ from typing import Any
 
 import numpy as np
 
-from indexer.catalog import Listing, read_listings
+from evaluation.knn_cv import path_vote_cv, title_only
+from indexer.calibration import reliability
+from indexer.catalog import Listing, read_listings, taxonomy_path
 from indexer.encoders.registry import ModelRegistry
+from indexer.knn import Vote
 from indexer.pipeline import Embedded, Vitrine, lexical_text
 from indexer.settings import Settings
 
 CSV_NAME = "flipkart_com-ecommerce_sample_1050.csv"
+# hand-written listings of other marketplace categories (text only): the out-of-catalog test
+OUT_OF_CATALOG = Path(__file__).parent / "data" / "out_of_catalog.csv"
+PATH_DEPTHS = 4  # path levels reported
+# confidence thresholds the operating-point table shows (uncertain_below is one of them)
+OPERATING_POINTS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 # the supervised reference's key in the results, and its inverse L2 strength (the fused rows
 # are unit-norm blocks)
@@ -93,7 +101,9 @@ def cross_validate(
             }
             v = Vitrine(settings.model_copy(update=weights), registry)
             v.lexical = lexical_owner.lexical
-            v.build_from_embedded([listings[i] for i in train], _subset(fold_emb, train))
+            # the variants compare first-level votes on raw shares (as before calibration)
+            v.build_from_embedded([listings[i] for i in train], _subset(fold_emb, train),
+                                  calibrate=False)
             assert v.fusion is not None
             fused = v.fusion.fuse(
                 {k: fold_emb.vectors[k][test] for k in v.fusion.names},
@@ -129,6 +139,88 @@ def cross_validate(
             ),
         }
     return out
+
+
+def path_accuracy(listings: list[Listing], votes: list[Vote],
+                  depths: int = PATH_DEPTHS) -> dict[str, dict[str, float]]:
+    """Per depth ``L``, over the listings whose true taxonomy path has ``L`` levels or more:
+    ``accuracy`` (the first ``L`` predicted levels equal the truth; a path that stopped
+    above ``L`` is wrong), ``coverage`` (the prediction went ``L`` deep) and
+    ``accuracy_when_covered``."""
+    truth = [taxonomy_path(x.category_path, x.title) for x in listings]
+    out: dict[str, dict[str, float]] = {}
+    for depth in range(1, depths + 1):
+        rows = [i for i, t in enumerate(truth) if len(t) >= depth]
+        if not rows:
+            break
+        right = np.array([tuple(votes[i].category_path[:depth]) == truth[i][:depth]
+                          for i in rows])
+        deep = np.array([len(votes[i].category_path) >= depth for i in rows])
+        out[f"level_{depth}"] = {
+            "listings": len(rows), "accuracy": float(right.mean()),
+            "coverage": float(deep.mean()),
+            "accuracy_when_covered": float(right[deep].mean()) if deep.any() else 0.0,
+        }
+    return out
+
+
+def confidence_report(listings: list[Listing], votes: list[Vote]) -> dict[str, Any]:
+    """ECE and reliability curve of the raw vote share and of the calibrated confidence;
+    the share of listings kept confident (not ``uncertain``) and how often those are right;
+    why the others were flagged."""
+    ok = np.array([v.category == x.category for v, x in zip(votes, listings, strict=True)])
+    raw_ece, raw_curve = reliability([v.raw_confidence for v in votes], ok)
+    cal_ece, cal_curve = reliability([v.confidence for v in votes], ok)
+    sure = np.array([not v.uncertain for v in votes])
+    reasons: dict[str, int] = {}
+    for v in votes:
+        if v.uncertain_reason:
+            reasons[v.uncertain_reason] = reasons.get(v.uncertain_reason, 0) + 1
+    return {
+        "ece_raw": raw_ece, "ece_calibrated": cal_ece,
+        "reliability_raw": raw_curve, "reliability_calibrated": cal_curve,
+        "confident_coverage": float(sure.mean()),
+        "confident_precision": float(ok[sure].mean()) if sure.any() else 0.0,
+        "uncertain_reasons": reasons,
+    }
+
+
+def operating_points(votes: list[Vote], right: np.ndarray, ooc: list[Vote]
+                     ) -> list[dict[str, float]]:
+    """In-catalog confident coverage and precision, and the out-of-catalog share flagged,
+    had ``uncertain_below`` been each of :data:`OPERATING_POINTS` (the out-of-catalog test
+    unchanged)."""
+    def flagged(v: Vote, below: float) -> bool:
+        return v.uncertain_reason in ("out_of_catalog", "no_neighbours") or v.confidence < below
+
+    rows = []
+    for below in OPERATING_POINTS:
+        sure = np.array([not flagged(v, below) for v in votes])
+        rows.append({
+            "uncertain_below": below,
+            "confident_coverage": round(float(sure.mean()), 4),
+            "confident_precision": round(float(right[sure].mean()), 4) if sure.any() else 0.0,
+            "out_of_catalog_flagged": round(float(np.mean([flagged(v, below) for v in ooc])),
+                                            4) if ooc else 0.0,
+        })
+    return rows
+
+
+def _mean_dicts(runs: list[Any]) -> Any:
+    """Element-wise mean of equally shaped JSON-like results (numbers averaged)."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {k: _mean_dicts([r[k] for r in runs]) for k in first}
+    if isinstance(first, list):
+        # lists of rows (curves, operating points) average row by row when the runs have
+        # the same rows; a reliability curve whose empty bins differ is the first run's
+        same = all(len(r) == len(first) for r in runs) and all(
+            [row.get("lo") for row in r] == [row.get("lo") for row in first] for r in runs)
+        return [_mean_dicts([r[i] for r in runs]) for i in range(len(first))] if same \
+            else first
+    if isinstance(first, bool) or not isinstance(first, int | float):
+        return first
+    return round(float(np.mean(runs)), 4)
 
 
 def _rate(n: int, seconds: float) -> float:
@@ -179,6 +271,7 @@ def run_core_bench(
 
     emb = Embedded({**emb_text.vectors, **emb_image.vectors},
                    {**emb_text.present, **emb_image.present})
+    emb_titles = text_only.embed(title_only(listings))
     # One 5-fold split is noisy at this size (a few listings move macro-F1 by 0.005), so the
     # CV is repeated with different shuffles and the mean is the headline number.
     t0 = time.perf_counter()
@@ -193,6 +286,13 @@ def run_core_bench(
         | {"macro_f1_per_repeat": [round(r[name]["macro_f1"], 4) for r in runs]}
         for name in runs[0]
     }
+
+    # Category paths and calibrated confidence: out-of-fold votes of whole listings and of
+    # title-only copies, each fold's index fitting its own calibration.
+    t0 = time.perf_counter()
+    path_runs = [path_vote_cv(listings, emb, emb_titles, settings, registry, folds=folds,
+                              seed=seed + r) for r in range(repeats)]
+    paths_s = time.perf_counter() - t0
 
     # Search and vote latency on the full catalog index.
     v.fit_lexical(listings)
@@ -214,6 +314,33 @@ def run_core_bench(
         v.vote_vector(fused[i], exclude=listings[i].id)
         vote_ms.append((time.perf_counter() - t0) * 1e3)
 
+    # Out-of-catalog listings against the whole catalog's index (and its calibration).
+    ooc, _ = read_listings(OUT_OF_CATALOG)
+    ooc_votes = {"full": v.classify_many(ooc), "title": v.classify_many(title_only(ooc))}
+    in_catalog = {
+        mode: {
+            "paths": _mean_dicts([path_accuracy(listings, r[mode]) for r in path_runs]),
+            "confidence": _mean_dicts([confidence_report(listings, r[mode])
+                                       for r in path_runs]),
+            "operating_points": _mean_dicts([
+                operating_points(r[mode], np.array([x.category == vt.category for x, vt in
+                                                    zip(listings, r[mode], strict=True)]),
+                                 ooc_votes[mode]) for r in path_runs]),
+        }
+        for mode in ("full", "title")
+    }
+    out_of_catalog = {
+        "listings": len(ooc), "data": str(OUT_OF_CATALOG.name),
+        **{f"flagged_{mode}": round(float(np.mean([x.uncertain for x in vs])), 4)
+           for mode, vs in ooc_votes.items()},
+        "reasons": {mode: {r: sum(x.uncertain_reason == r for x in vs)
+                           for r in ("out_of_catalog", "low_confidence", "no_neighbours")}
+                    for mode, vs in ooc_votes.items()},
+        "missed": [{"title": x.title, "category": vt.category,
+                    "confidence": round(vt.confidence, 3)}
+                   for x, vt in zip(ooc, ooc_votes["full"], strict=True) if not vt.uncertain],
+    }
+
     def pct(xs: list[float]) -> dict[str, float]:
         return {"p50": round(float(np.percentile(xs, 50)), 3),
                 "p99": round(float(np.percentile(xs, 99)), 3)}
@@ -230,6 +357,11 @@ def run_core_bench(
                 "uncertain_below": settings.uncertain_below},
         "cv": {"folds": folds, "repeats": repeats, "first_seed": seed,
                "seconds": round(cv_s, 1), "results": cv},
+        # the "fused" product vote, out of fold, on whole listings and on title-only copies
+        "paths": {"folds": folds, "repeats": repeats, "seconds": round(paths_s, 1),
+                  "path_min_share": settings.path_min_share,
+                  "ooc_quantile": settings.ooc_quantile, **in_catalog},
+        "out_of_catalog": out_of_catalog,
         "speed": speed,
         "latency_ms": {"index_size": len(v), "index_kind": v.index.kind,
                        "search_k10": pct(search_ms), "vote": pct(vote_ms)},

@@ -134,6 +134,38 @@ def parse_category_tree(tree: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in str(s).split(">>") if part.strip())
 
 
+def _key(level: str) -> str:
+    return " ".join(level.lower().replace("...", " ").split())
+
+
+def taxonomy_path(path: Iterable[str], title: str) -> tuple[str, ...]:
+    """The category levels of a seller's path: it stops before a level that names the
+    listing rather than a category.
+
+    Flipkart paths end below the categories with levels that are the listing's own:
+    its product name, possibly cut (``"Sathiyas Cotton Bath Towel (3 Bath Towel, Red,
+    Y..."``), and often a brand level, ``"<brand> <parent level>"`` (``"Titan Wrist
+    Watches"`` under ``"Wrist Watches"``) where the title starts with the brand. Such a
+    level is unique to one listing or one brand, so neighbours cannot vote for it; the
+    levels above it are the taxonomy.
+    """
+    t = _key(title)
+    out: list[str] = []
+    for level in path:
+        k = _key(level)
+        if not k:
+            break
+        if level.rstrip().endswith("...") or t.startswith(k) or (t and k.startswith(t)):
+            break  # the product name
+        if out:
+            parent = _key(out[-1])
+            brand = k[: -len(parent)].strip() if k.endswith(" " + parent) else ""
+            if brand and t.startswith(brand):
+                break  # "<brand> <parent>"
+        out.append(level)
+    return tuple(out)
+
+
 def _raise_csv_field_limit() -> None:
     # Flipkart descriptions and specifications can exceed csv's 128 KiB default field size.
     limit = sys.maxsize

@@ -33,9 +33,11 @@ from typing import Any
 
 from .catalog import make_listing
 from .errors import ImageError, VitrineError
+from .images import image_limits
 from .pipeline import Vitrine
 from .settings import Settings
 from .state import Event, Outcome, StateStore, StoreUnavailable
+from .thumbs import etag, make_thumbnail
 
 log = logging.getLogger(__name__)
 FetchPhoto = Callable[[str], bytes]  # image_url -> bytes, raising ImageError
@@ -65,6 +67,7 @@ def decide(vitrine: Vitrine, events: Sequence[Event], photos: Sequence[bytes | N
             continue
         rows.append((i, listing))
     if rows:
+        limits = image_limits(vitrine.settings)
         state = vitrine.state()  # one view for the embedding (lexical), fusion and votes
         emb = vitrine.embed([x for _, x in rows], state=state)
         fused = vitrine.fuse(emb, state=state)
@@ -76,20 +79,33 @@ def decide(vitrine: Vitrine, events: Sequence[Event], photos: Sequence[bytes | N
             vote = vitrine.vote_vector(fused[j], exclude=listing.id, state=state)
             category = listing.category or vote.category
             source = "seller" if listing.category else "predicted"
+            # the predicted path under the listing's category; a seller's category the vote
+            # disagrees with has no known levels below it
+            path = vote.category_path if category == vote.category else [category]
             status: dict[str, Any] = {
                 "status": "indexed", "version": e.version, "category": category,
                 "confidence": vote.confidence, "uncertain": vote.uncertain, "source": source,
                 "predicted": vote.category, "batch": batch, "batch_size": len(rows),
+                "category_path": [c for c in path if c],
+                "path_confidence": vote.path_confidence if category == vote.category else [],
+                "title": listing.title,
             }
+            if vote.uncertain_reason:
+                status["uncertain_reason"] = vote.uncertain_reason
             warning = warnings[i] or emb.problems.get(j)
             if warning:
                 status["warning"] = warning
             entry = {
                 "op": "upsert", "id": listing.id, "version": e.version, "vec": fused[j],
-                "meta": {"title": listing.title, "category": category, "source": source},
+                # only the seller's label votes: a predicted path is not fed back as one
+                "meta": {"title": listing.title, "category": category, "source": source,
+                         "category_path": [listing.category] if listing.category else []},
                 "confidence": vote.confidence, "uncertain": vote.uncertain,
             }
-            out[i] = Outcome(e.id, e.version, status, entry)
+            # a second, small decode of the photo (JPEG: at 1/8 scale), off the request path
+            jpeg = make_thumbnail(photos[i], limits)
+            out[i] = Outcome(e.id, e.version, status, entry,
+                             (etag(jpeg), jpeg) if jpeg is not None else None)
     assert all(o is not None for o in out)
     return [o for o in out if o is not None]
 

@@ -19,7 +19,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
@@ -27,7 +27,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from .catalog import Listing
+from .calibration import Calibration
+from .catalog import Listing, taxonomy_path
+from .encoders.backends import TORCH, split_backend
 from .encoders.registry import ModelRegistry, is_off
 from .encoders.text import TfidfEncoder, strip_boilerplate
 from .errors import ImageError, IndexMismatch, InvalidInput, NotFound
@@ -41,7 +43,14 @@ from .index import (
     read_snapshot,
     write_snapshot,
 )
-from .knn import Neighbour, Vote, vote
+from .knn import (
+    Neighbour,
+    UncertainReason,
+    Vote,
+    candidate_weights,
+    path_vote,
+    vote_shares,
+)
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,6 +70,8 @@ class ListingMeta:
     title: str
     category: str | None = None
     source: str = "seller"  # "seller" / "catalog": a label that votes; "predicted": does not
+    # the labelled category levels (catalog.taxonomy_path), first level first; a seller's
+    # one-level label is [category]: deeper levels are unknown and do not vote
     category_path: list[str] = field(default_factory=list)
 
     @property
@@ -69,8 +80,12 @@ class ListingMeta:
 
     @classmethod
     def of(cls, listing: Listing) -> ListingMeta:
+        path = list(taxonomy_path(listing.category_path, listing.title))
+        if listing.category and (not path or path[0] != listing.category):
+            path = [listing.category]
         return cls(listing.title, listing.category,
-                   "seller" if listing.category else "predicted", list(listing.category_path))
+                   "seller" if listing.category else "predicted",
+                   path if listing.category else [])
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> ListingMeta:
@@ -112,6 +127,7 @@ class State:
     fusion: Fusion
     lexical: TfidfEncoder | None
     view: IndexView
+    calibration: Calibration | None = None
 
     def meta(self, listing_id: str) -> ListingMeta | None:
         """The stored metadata of a listing, None when it is not indexed."""
@@ -128,6 +144,7 @@ class _Core:
     fusion: Fusion | None = None
     lexical: TfidfEncoder | None = None
     index: VectorIndex | None = None
+    calibration: Calibration | None = None  # fitted with the index it was fitted on
 
 
 @dataclass
@@ -236,7 +253,12 @@ class Vitrine:
     @lexical.setter
     def lexical(self, encoder: TfidfEncoder | None) -> None:
         # set before a build: a fitted index keeps the encoder it was built with
-        self._core = _Core(self._core.fusion, encoder, self._core.index)
+        self._core = _Core(self._core.fusion, encoder, self._core.index,
+                           self._core.calibration)
+
+    @property
+    def calibration(self) -> Calibration | None:
+        return self._core.calibration
 
     def adopt(self, other: Vitrine) -> None:
         """Take ``other``'s fusion, lexical encoder, index and snapshot (a reload) in one swap.
@@ -251,7 +273,7 @@ class Vitrine:
         core = self._core
         if core.fusion is None or core.index is None:
             raise IndexMismatch("the index is empty: index a catalog first (`vitrine index`)")
-        return State(core.fusion, core.lexical, core.index.view())
+        return State(core.fusion, core.lexical, core.index.view(), core.calibration)
 
     # --- configuration --------------------------------------------------------------------
     @property
@@ -341,9 +363,15 @@ class Vitrine:
         pieces = [order[a : a + step].tolist() for a in range(0, len(order), step)]
 
         def run(rows: list[int]) -> tuple[list[int], Embedded]:
-            return rows, self._embed_serial([listings[i] for i in rows], progress, lexical)
+            return rows, self._embed_serial([listings[i] for i in rows], progress, lexical,
+                                            lane=True)
 
-        with _single_torch_thread(self.settings.torch_threads):
+        # a +onnx/+openvino encoder's lane runner has its own one thread; PyTorch's count is
+        # process-wide, so it is set to one while PyTorch encoders run in lanes
+        torch_lanes = any(split_backend(spec)[1] == TORCH
+                          for spec in (self.text_spec, self.image_spec)
+                          if spec and spec.lower() != "tfidf")
+        with _single_torch_thread(self.settings.torch_threads) if torch_lanes else nullcontext():
             parts = list(_lane_pool(lanes).map(run, pieces))
         return Embedded.gather(parts, len(listings))
 
@@ -355,7 +383,9 @@ class Vitrine:
         return max(1, min(want, n // (2 * max(1, s.batch_size))))
 
     def _embed_serial(self, listings: Sequence[Listing], progress: Progress | None = None,
-                      lexical: TfidfEncoder | None = None) -> Embedded:
+                      lexical: TfidfEncoder | None = None, *, lane: bool = False) -> Embedded:
+        """Embed ``listings`` on this thread; ``lane``: beside other lanes (each encoder's
+        ``for_lane`` runner)."""
         n = len(listings)
         vectors: dict[str, np.ndarray] = {}
         present: dict[str, np.ndarray] = {}
@@ -364,6 +394,7 @@ class Vitrine:
         has_text = np.array([bool(x.title or x.description) for x in listings], dtype=bool)
         if self.text_spec:
             enc = self.registry.get("text", self.text_spec)
+            enc = enc.for_lane() if lane else enc
             vectors["text"] = np.zeros((n, enc.dim), np.float32)
             present["text"] = has_text.copy()
         if self.use_lexical and lexical is not None:
@@ -371,6 +402,7 @@ class Vitrine:
             present["lexical"] = has_text.copy()
         if self.image_spec:
             ienc = self.registry.get("image", self.image_spec)
+            ienc = ienc.for_lane() if lane else ienc
             vectors["image"] = np.zeros((n, ienc.dim), np.float32)
             present["image"] = np.zeros(n, dtype=bool)
         for start in range(0, n, CHUNK):
@@ -445,8 +477,11 @@ class Vitrine:
         self.build_from_embedded(listings, emb)
         return emb.problems
 
-    def build_from_embedded(self, listings: Sequence[Listing], emb: Embedded) -> None:
-        """Fit the fusion (block layout, centring) on ``emb`` and index ``listings`` with it."""
+    def build_from_embedded(self, listings: Sequence[Listing], emb: Embedded, *,
+                            calibrate: bool = True) -> None:
+        """Fit the fusion (block layout, centring) on ``emb`` and index ``listings`` with it;
+        then (``calibrate``) fit the confidence calibration and the out-of-catalog
+        reference on leave-one-out votes of the indexed labelled listings."""
         s = self.settings
         weights = {"text": s.text_weight, "lexical": s.lexical_weight, "image": s.image_weight}
         blocks = [
@@ -461,6 +496,31 @@ class Vitrine:
         cols = _columns(entries(listings, fused, emb.failed), fusion.dim)
         index = VectorIndex.bulk(fusion.dim, config=self._index_config(), **cols)
         self._core = _Core(fusion, self.lexical, index)
+        if calibrate:
+            calibration = self._fit_calibration(cols["ids"], cols["vectors"], cols["payloads"])
+            self._core = _Core(fusion, self.lexical, index, calibration)
+
+    def _fit_calibration(self, ids: Sequence[str], fused: np.ndarray,
+                         payloads: Sequence[Mapping[str, Any]]) -> Calibration:
+        """Vote every labelled listing by the others (see :mod:`indexer.calibration`)."""
+        st = self.state()
+        raw: list[float] = []
+        correct: list[bool] = []
+        nearest: dict[str, list[float]] = {}
+        for lid, vec, payload in zip(ids, fused, payloads, strict=True):
+            own = payload.get("category")
+            if own is None or not ListingMeta.from_payload(payload).labelled:
+                continue
+            pool, shares = self._pool_shares(vec, lid, st)
+            category, share, _, _ = vote_shares(shares, [n.category or "" for n in pool])
+            if category is None:
+                continue
+            raw.append(share)
+            correct.append(category == own)
+            same = [n.score for n in pool if n.category == own]
+            if same:
+                nearest.setdefault(own, []).append(max(same))
+        return Calibration.fit(raw, correct, nearest, self.settings.ooc_quantile)
 
     def create_empty(self) -> None:
         """An empty index with the configured encoders and no fitted lexical view."""
@@ -550,7 +610,8 @@ class Vitrine:
         want = k + (1 if exclude else 0)
         hits = st.view.search(q, want, category=category, labelled_only=labelled_only)[0]
         return [
-            Neighbour(lid, s / norm, p.get("category"), p.get("title", ""))
+            Neighbour(lid, s / norm, p.get("category"), p.get("title", ""),
+                      tuple(p.get("category_path") or ()))
             for lid, s, p in hits if lid != exclude
         ][:k]
 
@@ -569,26 +630,46 @@ class Vitrine:
         fused = self.query_vector(text, image, listing_id, state=st)
         return self.search_vector(fused[0], k, category=category, exclude=listing_id, state=st)
 
-    def vote_vector(self, fused: np.ndarray, *, exclude: str | None = None,
-                    state: State | None = None) -> Vote:
-        """kNN vote for one fused vector among the labelled listings (late fusion)."""
-        st = state or self.state()
+    def _pool_shares(self, fused: np.ndarray, exclude: str | None, st: State
+                     ) -> tuple[list[Neighbour], np.ndarray]:
+        """The labelled candidate pool of a vote and each candidate's share of it."""
         s = self.settings
         pool = self.search_vector(
             fused, max(s.knn_pool, s.knn_k), exclude=exclude, labelled_only=True, state=st
         )
         if not pool:
-            return Vote(None, 0.0, True, {}, [])
+            return pool, np.zeros(0)
         fusion = st.fusion
         cand = fusion.split(st.view.get([n.id for n in pool]))
         query = {k: v[0] for k, v in fusion.split(fused.reshape(1, -1)).items()}
-        labels = [n.category or "" for n in pool]
         weights = {b.name: b.weight for b in fusion.blocks}
-        category, conf, uncertain, scores = vote(
-            query, cand, labels, weights,
-            k=s.knn_k, temperature=s.knn_temperature, uncertain_below=s.uncertain_below,
-        )
-        return Vote(category, conf, uncertain, scores, pool[: s.knn_k])
+        return pool, candidate_weights(query, cand, weights, k=s.knn_k,
+                                       temperature=s.knn_temperature)
+
+    def vote_vector(self, fused: np.ndarray, *, exclude: str | None = None,
+                    state: State | None = None) -> Vote:
+        """kNN vote for one fused vector among the labelled listings (late fusion): the
+        first level, then the category path under it from the same neighbours; with the
+        snapshot's calibration, a calibrated confidence and the out-of-catalog test."""
+        st = state or self.state()
+        s = self.settings
+        pool, shares = self._pool_shares(fused, exclude, st)
+        category, raw, _, scores = vote_shares(shares, [n.category or "" for n in pool])
+        if category is None:
+            return Vote(None, 0.0, True, {}, [], uncertain_reason="no_neighbours")
+        below, below_conf, stopped = path_vote(
+            shares, [n.category_path for n in pool], category, min_share=s.path_min_share)
+        cal = st.calibration
+        conf = cal.confidence(raw) if cal is not None else raw
+        reason: UncertainReason | None = None
+        threshold = cal.threshold(category) if cal is not None and s.ooc_quantile > 0 else None
+        nearest = max(n.score for n in pool if n.category == category)
+        if threshold is not None and nearest < threshold:
+            reason = "out_of_catalog"  # far from every listing of the voted category
+        elif conf < s.uncertain_below:
+            reason = "low_confidence"
+        return Vote(category, conf, reason is not None, scores, pool[: s.knn_k],
+                    [category, *below], [conf, *below_conf], stopped, reason, raw)
 
     def classify(self, listing: Listing) -> Vote:
         """Category of a listing from its labelled neighbours, without indexing it."""
@@ -610,7 +691,7 @@ class Vitrine:
         out = []
         for i, x in enumerate(listings):
             if i in emb.failed:
-                out.append(Vote(None, 0.0, True, {}, []))
+                out.append(Vote(None, 0.0, True, {}, [], uncertain_reason="no_neighbours"))
             else:
                 out.append(self.vote_vector(fused[i], exclude=x.id, state=st))
         return out, emb.problems
@@ -635,6 +716,9 @@ class Vitrine:
             _write_state(d, "fusion", *st.fusion.to_state())
             # JSON null: no lexical view
             _write_state(d, "lexical", *(st.lexical.to_state() if st.lexical else (None, {})))
+            # JSON null: no calibration (an index grown from empty has no catalog to fit on)
+            _write_state(d, "calibration",
+                         *(st.calibration.to_state() if st.calibration else (None, {})))
 
         return write_snapshot(Path(root), write, supersedes)
 
@@ -715,7 +799,15 @@ class Vitrine:
         if index.dim != fusion.dim:
             raise IndexMismatch(f"snapshot {snap}: an index of dimension {index.dim} for a "
                                 f"fusion of {fusion.dim}: rebuild the index with `vitrine index`")
-        self._core = _Core(fusion, lexical, index)
+        calibration = None
+        # snapshots written before calibration existed have no calibration files: the
+        # confidence is then the raw share and there is no out-of-catalog test
+        if (snap / "calibration.json").exists():
+            cal_meta, cal_arrays = _read_state(snap, "calibration")
+            if cal_meta is not None:
+                calibration = _from_state(snap, "calibration", Calibration.from_state,
+                                          cal_meta, cal_arrays)
+        self._core = _Core(fusion, lexical, index, calibration)
 
 
 def _identity(key: str, spec: str | None) -> str | None:
@@ -750,6 +842,8 @@ def _same_model_spec(key: str, recorded: object, configured: str | None) -> bool
 #   lexical.json   null, or the vectorizer parameters, vocabulary (terms in column order)
 #                  and tokenisation probe of the lexical view        (TfidfEncoder.to_state)
 #   lexical.npz    idf (n_terms,) and components (dim, n_terms): empty without a lexical view
+#   calibration.json  null, or the out-of-catalog quantile and thresholds per category
+#   calibration.npz   x, y: the isotonic calibration's knots (raw share -> P(right))
 #   extra.json     what the caller of save() stored (say, a replication log position)
 # JSON and .npz are data only: arrays are read with allow_pickle=False.
 

@@ -15,6 +15,7 @@ Two modes, chosen by ``VITRINE_BROKER_URL`` (see :func:`indexer.state.open_store
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from .settings import Settings
 from .state import StateStore, StoreUnavailable, open_store
 
 if TYPE_CHECKING:
+    from .catalog import Listing
     from .pipeline import Progress
 
 log = logging.getLogger(__name__)
@@ -226,6 +228,7 @@ def seed(settings: Settings, store: StateStore, catalog: Path, images: Path | No
     with progress(len(listings)) if progress else nullcontext(None) as update:
         v.build(listings, update)
     v.save(root, {"log_pos": 0, "versions": {}})
+    thumbs = _seed_thumbnails(settings, store, listings)
     [pos] = store.append([{"op": "reload"}])
     if pos != 1:
         # Seeding is meant for a service that has accepted nothing yet (`vitrine serve
@@ -236,7 +239,24 @@ def seed(settings: Settings, store: StateStore, catalog: Path, images: Path | No
     ids = {x.id for x in listings}
     refused = [b for b in bad if b.id not in ids]
     notes = [f"{len(refused)} rows refused"] if refused else []
+    notes.append(f"{thumbs} thumbnails")
     if len(bad) > len(refused):
         notes.append(f"{len(bad) - len(refused)} indexed from their text only (photo missing)")
     return (f"seeded the index with {len(v)} listings from {catalog}"
             + (f" ({'; '.join(notes)})" if notes else ""))
+
+
+def _seed_thumbnails(settings: Settings, store: StateStore, listings: list[Listing]) -> int:
+    """The catalog's thumbnails, stored a chunk at a time. Returns how many were made."""
+    from .images import image_limits
+    from .thumbs import make_thumbnails
+
+    limits = image_limits(settings)
+    threads = max(1, len(os.sched_getaffinity(0)))
+    made = 0
+    for start in range(0, len(listings), 256):  # bounded memory, one store write per chunk
+        chunk = [(x.id, x.image) for x in listings[start:start + 256] if x.image is not None]
+        items = list(make_thumbnails(chunk, limits, threads))
+        store.put_thumbnails(items)
+        made += len(items)
+    return made

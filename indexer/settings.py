@@ -52,9 +52,15 @@ class Settings(BaseSettings):
         "instead of intra-op parallelism). 0 = one lane per torch thread; 1 = off.",
     )
     torch_threads: int = Field(
-        0, ge=0, description="Intra-op torch threads per process; 0 = number of CPU cores."
+        0, ge=0, description="Intra-op threads of the encoders per process (PyTorch's, and "
+        "those of a `+onnx`/`+openvino` backend's single-query session); 0 = number of CPU "
+        "cores."
     )
     device: str = Field("cpu", description="torch device for the encoders.")
+    export_dir: Path | None = Field(
+        None, description="Where `+onnx`/`+onnx-int8`/`+openvino` model exports are cached "
+        "(made once, shared by every process); default ~/.cache/vitrine/exports."
+    )
 
     # --- fusion ---------------------------------------------------------------------------
     text_weight: float = Field(1.0, ge=0.0)
@@ -71,6 +77,16 @@ class Settings(BaseSettings):
     )
     uncertain_below: float = Field(
         0.5, ge=0.0, le=1.0, description="Confidence under which a vote is 'uncertain'."
+    )
+    path_min_share: float = Field(
+        0.5, gt=0.0, le=1.0, description="Share of the vote, among the neighbours under "
+        "the levels chosen so far, that a deeper level of the category path needs (below: "
+        "the path stops there)."
+    )
+    ooc_quantile: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Out-of-catalog test: a query less similar to its "
+        "nearest neighbour of the voted category than this quantile of the same-category "
+        "nearest similarities measured on the catalog is uncertain (0: never)."
     )
     exact_max: int = Field(
         10_000, ge=0, description="Catalogs up to this size use an exact flat index."

@@ -26,7 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Security
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -59,10 +60,14 @@ from indexer.errors import (
     PayloadTooLarge,
     VitrineError,
 )
+from indexer.filters import category_filter
+from indexer.index import IndexView
+from indexer.knn import Neighbour, PathStop, UncertainReason
 from indexer.remote import MAX_URL_LENGTH, check_url, url_policy
 from indexer.runtime import BACKLOG_RETRY_AFTER, Runtime
 from indexer.settings import Settings
 from indexer.state import StoreUnavailable
+from indexer.thumbs import THUMB_TYPE
 
 from .bodies import (
     FieldError,
@@ -119,9 +124,17 @@ class ListingStatus(BaseModel):
     status: Literal["queued", "indexed", "failed"]
     version: int = Field(0, description="Version of the write this status is about (0: a "
                          "listing of the seeded catalog)")
+    title: str | None = Field(None, description="The indexed listing's title")
+    photo_url: str | None = Field(None, description="Its thumbnail (GET, same key as this "
+                                  "read), when it was indexed with a usable photo")
     category: str | None = None
+    category_path: list[str] | None = Field(None, description="The category's levels, "
+                                            "first level first (`category` is the first)")
+    path_confidence: list[float] | None = Field(None, description="Per level of "
+                                                "`category_path`: see ClassifyOut")
     confidence: float | None = None
     uncertain: bool | None = None
+    uncertain_reason: UncertainReason | None = None
     source: Literal["seller", "predicted"] | None = None
     error: str | None = None
     warning: str | None = None
@@ -144,15 +157,25 @@ class SearchIn(_In):
                                      "send it as the multipart file `image`")
     listing_id: ListingId | None = Field(None, description="Search with an indexed listing")
     k: int = Field(10, ge=1, le=1000)
-    category: str | None = Field(None, max_length=MAX_TITLE_CHARS,
-                                 description="Only listings of this category")
+    category: str | None = Field(None, max_length=MAX_TITLE_CHARS, description=(
+        "Only listings under this category, any level of the path, whatever the case: "
+        "`watches`, `Bed Linen`, or a path from its first level, `Home Furnishing >> Bed "
+        "Linen`. A first-level name is applied inside the index search; a deeper level is "
+        "checked on the 1000 nearest listings at most"))
+    min_score: float | None = Field(None, ge=-1, le=1, description="Only results scoring "
+                                    "at least this (fewer than `k` then)")
 
 
 class Hit(BaseModel):
     id: str
-    score: float
+    score: float = Field(description="Similarity, weighted mean cosine of the modalities "
+                         "(higher is closer; at most 1)")
     category: str | None
     title: str
+    category_path: list[str] = Field(default_factory=list, description=(
+        "The category path: the catalog's or seller's labelled levels, or for a listing "
+        "whose category was predicted, the predicted path"))
+    photo_url: str | None = Field(None, description="Its thumbnail, when it has one")
 
 
 class SearchOut(BaseModel):
@@ -172,10 +195,24 @@ class ClassifyIn(_In):
 
 
 class ClassifyOut(BaseModel):
-    category: str | None
-    confidence: float
+    category: str | None = Field(description="The first level of the category path")
+    confidence: float = Field(description="Calibrated probability that `category` is right "
+                              "(measured on the catalog when the index was built)")
     uncertain: bool
-    scores: dict[str, float]
+    uncertain_reason: UncertainReason | None = Field(None, description=(
+        "Why `uncertain`: `out_of_catalog` (farther from every listing of the voted "
+        "category than listings of that category usually are from each other), "
+        "`low_confidence` (confidence under VITRINE_UNCERTAIN_BELOW) or `no_neighbours`"))
+    category_path: list[str] = Field(description="The category path, as deep as the "
+                                     "neighbours agree (the first level is `category`)")
+    path_confidence: list[float] = Field(description="Per level: the first is "
+                                         "`confidence`; a deeper one is its share of the "
+                                         "vote among the neighbours under the level above")
+    path_stopped: PathStop | None = Field(None, description=(
+        "Why the path goes no deeper: `leaf` (the neighbours' paths end there), "
+        "`disagreement` (no level below has a majority) or `unknown_below` (no neighbour "
+        "knows a deeper level)"))
+    scores: dict[str, float] = Field(description="First-level vote shares (uncalibrated)")
     neighbours: list[Hit]
 
 
@@ -190,6 +227,20 @@ class Health(BaseModel):
     lag: int | None = Field(None, description="Log entries not applied here yet")
     digest: str = Field(description="Digest of the (id, version) pairs this process holds: "
                         "processes that agree have the same")
+
+
+class Stats(BaseModel):
+    """The numbers of /metrics, as JSON (the status panel of the pages reads them)."""
+
+    index_size: int = Field(description="Listings this process can search")
+    by_category: dict[str, int] = Field(description="Searchable listings per first-level "
+                                        "category")
+    by_status: dict[str, int] = Field(description="Posted listings per status (a seeded "
+                                      "catalog's listings have none)")
+    pending: int | None = Field(description="Queue depth: accepted listings not indexed "
+                                "yet (null when the state store is unavailable)")
+    lag: int | None = Field(description="Log entries not applied here yet")
+    mode: Literal["embedded", "redis"]
 
 
 LISTING_BODY = body(ListingIn, lambda s: s.max_request_bytes)
@@ -239,6 +290,58 @@ class Metrics:
         )
         self.requests = Counter("vitrine_requests", "Requests by route and outcome",
                                 ["route", "outcome"], registry=r)
+        self.by_category = Gauge("vitrine_listings", "Searchable listings per first-level "
+                                 "category", ["category"], registry=r)
+        self.by_status = Gauge("vitrine_statuses", "Posted listings per status",
+                               ["status"], registry=r)
+        self._counts: tuple[float, dict[str, int]] = (-1e9, {})
+
+    def status_counts(self, rt: Runtime) -> dict[str, int]:
+        """The store's counts by status, read at most every STATUS_COUNT_TTL seconds (a
+        full scan of the statuses: it must not run per request)."""
+        at, counts = self._counts
+        now = time.monotonic()
+        if now - at >= STATUS_COUNT_TTL:
+            counts = rt.store.status_counts()
+            self._counts = (now, counts)
+        return counts
+
+    def collect(self, rt: Runtime) -> Stats:
+        """The numbers, read once, set on the gauges too: /metrics and /stats agree."""
+        pending = lag = None
+        by_status: dict[str, int] = {}
+        try:
+            pending, lag = rt.store.pending_count(), rt.replica.lag()
+            by_status = self.status_counts(rt)
+        except StoreUnavailable:  # the gauges keep their last value
+            pass
+        v = rt.replica.v
+        view = v.state().view
+        by_category = category_counts(view)
+        if pending is not None:
+            self.pending.set(pending)
+        if lag is not None:
+            self.lag.set(lag)
+        self.index_size.set(len(v))
+        for c, n in by_category.items():
+            self.by_category.labels(c).set(n)
+        for st, n in by_status.items():
+            self.by_status.labels(st).set(n)
+        return Stats(index_size=len(v), by_category=by_category, by_status=by_status,
+                     pending=pending, lag=lag, mode=rt.mode)  # type: ignore[arg-type]
+
+
+STATUS_COUNT_TTL = 5.0
+
+
+def category_counts(view: IndexView) -> dict[str, int]:
+    """Alive listings per first-level category of an index view (one bincount)."""
+    n = view.n_slots
+    codes = view.category[:n][view.alive[:n]]
+    codes = codes[codes >= 0]
+    counts = np.bincount(codes) if len(codes) else np.zeros(0, np.int64)
+    names = {code: name for name, code in view.categories.items()}
+    return {names[i]: int(c) for i, c in enumerate(counts.tolist()) if c and i in names}
 
 
 # --- access --------------------------------------------------------------------------------
@@ -426,7 +529,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     @app.get("/listings/{listing_id}", response_model=ListingStatus, name="get_listing",
              operation_id="get_listing", response_model_exclude_none=True,
              dependencies=[Depends(read_access)], responses=_errors(401, 404, 422, 503))
-    def get_listing(listing_id: PathId, rt: RuntimeDep) -> ListingStatus:
+    def get_listing(request: Request, listing_id: PathId, rt: RuntimeDep) -> ListingStatus:
         st = rt.store.status(listing_id)
         if st is not None and st["status"] == "deleted":
             raise NotFound(f"listing {listing_id!r} was deleted")
@@ -435,16 +538,56 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
                 # committed to the log: wait (briefly) until this process can search it too
                 rt.replica.wait_version(listing_id, st["version"], timeout=2)
             fields = {k: st.get(k) for k in ListingStatus.model_fields if k in st}
-            return ListingStatus(id=listing_id, **fields)
-        meta = rt.replica.v.state().meta(listing_id)  # a listing of the seeded catalog
-        if meta is None:
-            raise NotFound(f"unknown listing {listing_id!r}")
-        return ListingStatus(
-            id=listing_id, status="indexed", category=meta.category,
-            confidence=1.0 if meta.labelled else None,
-            uncertain=False if meta.labelled else None,
-            source="predicted" if meta.source == "predicted" else "seller",
-        )
+            if st["status"] == "indexed" and "title" not in fields:  # indexed before titles
+                meta = rt.replica.v.state().meta(listing_id)
+                fields["title"] = meta.title if meta is not None else None
+            out = ListingStatus(id=listing_id, **fields)
+        else:
+            meta = rt.replica.v.state().meta(listing_id)  # a listing of the seeded catalog
+            if meta is None:
+                raise NotFound(f"unknown listing {listing_id!r}")
+            out = ListingStatus(
+                id=listing_id, status="indexed", category=meta.category, title=meta.title,
+                category_path=meta.category_path or None,
+                confidence=1.0 if meta.labelled else None,
+                uncertain=False if meta.labelled else None,
+                source="predicted" if meta.source == "predicted" else "seller",
+            )
+        [tag] = rt.store.thumbnail_tags([listing_id])
+        out.photo_url = _photo_url(request, listing_id, tag)
+        return out
+
+    @app.get(
+        "/listings/{listing_id}/photo", name="get_photo", operation_id="get_photo",
+        summary="A listing's thumbnail (JPEG, at most 256 px), made when it was indexed",
+        dependencies=[Depends(read_access)], response_class=Response,
+        responses={
+            200: {"description": "The thumbnail. `ETag` is its content hash; with `v` "
+                  "equal to it (the `photo_url` of a status or a hit) it may be cached a "
+                  "day, else revalidated with If-None-Match",
+                  "content": {THUMB_TYPE: {"schema": {"type": "string",
+                                                      "format": "binary"}}},
+                  "headers": {"ETag": {"schema": {"type": "string"}},
+                              "Cache-Control": {"schema": {"type": "string"}}}},
+            304: {"description": "Not modified: If-None-Match holds its ETag"},
+            **_errors(401, 404, 422, 503)},
+    )
+    def get_photo(request: Request, listing_id: PathId, rt: RuntimeDep,
+                  v: Annotated[str | None, Query(max_length=64, description=(
+                      "The thumbnail's etag, as in `photo_url`: makes the URL change when "
+                      "the photo does, so it can be cached"))] = None) -> Response:
+        got = rt.store.thumbnail(listing_id)
+        if got is None:
+            raise NotFound(f"listing {listing_id!r} has no photo")
+        tag, jpeg = got
+        # a key-protected thumbnail is no shared cache's to keep
+        scope = "private" if settings.read_api_key else "public"
+        headers = {"ETag": f'"{tag}"', "Cache-Control": (
+            f"{scope}, max-age=86400, immutable" if v == tag else f"{scope}, no-cache")}
+        given = request.headers.get("if-none-match", "")
+        if any(t.strip().removeprefix("W/").strip('"') in (tag, "*") for t in given.split(",")):
+            return Response(status_code=304, headers=headers)
+        return Response(jpeg, media_type=THUMB_TYPE, headers=headers)
 
     @app.delete("/listings/{listing_id}", response_model=Deleted, operation_id="delete_listing",
                 dependencies=[Depends(write_access)], responses=_errors(401, 404, 422, 503))
@@ -461,7 +604,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
               summary="Similar listings to a text, a photo (JSON or multipart) or a listing",
               dependencies=[Depends(read_access)],
               responses=_errors(401, 404, 409, 413, 415, 422), openapi_extra=SEARCH_BODY.openapi)
-    async def search(rt: RuntimeDep,
+    async def search(request: Request, rt: RuntimeDep,
                      parsed: Annotated[Parsed[SearchIn], Depends(SEARCH_BODY)]) -> Response:
         t0 = time.perf_counter()
         q: SearchIn = parsed.data
@@ -474,10 +617,19 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 
         def run() -> str:
             image = decode_photo(photo, settings) if photo is not None else None
-            hits = rt.replica.v.search(text=q.text, image=image, listing_id=q.listing_id,
-                                       k=q.k, category=q.category)
-            return SearchOut(results=[Hit(id=h.id, score=h.score, category=h.category,
-                                          title=h.title) for h in hits]).model_dump_json()
+            v = rt.replica.v
+            cf = category_filter(q.category, v.state().view.categories) if q.category else None
+            if cf is not None and cf.impossible:
+                return SearchOut(results=[]).model_dump_json()
+            hits = v.search(text=q.text, image=image, listing_id=q.listing_id,
+                            k=cf.candidates(q.k) if cf else q.k,
+                            category=cf.first if cf else None)
+            if q.min_score is not None:  # best first: the rest are under it too
+                hits = [h for h in hits if h.score >= q.min_score]
+            paths = _paths(rt, hits)
+            if cf is not None and not cf.exact:
+                hits = [h for h in hits if cf.matches(paths[h.id])][: q.k]
+            return SearchOut(results=_hits(request, rt, hits, paths)).model_dump_json()
 
         out = await queries.run(run)
         metrics.search_latency.observe(time.perf_counter() - t0)
@@ -487,7 +639,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
               summary="The category of a draft listing (JSON or multipart), without indexing it",
               dependencies=[Depends(read_access)],
               responses=_errors(401, 409, 413, 415, 422), openapi_extra=CLASSIFY_BODY.openapi)
-    async def classify(rt: RuntimeDep,
+    async def classify(request: Request, rt: RuntimeDep,
                        parsed: Annotated[Parsed[ClassifyIn], Depends(CLASSIFY_BODY)]) -> Response:
         q: ClassifyIn = parsed.data
         photo = parsed.photo
@@ -498,9 +650,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             vote = rt.replica.v.classify(listing)
             return ClassifyOut(
                 category=vote.category, confidence=vote.confidence, uncertain=vote.uncertain,
+                uncertain_reason=vote.uncertain_reason, category_path=vote.category_path,
+                path_confidence=vote.path_confidence, path_stopped=vote.path_stopped,
                 scores=vote.scores,
-                neighbours=[Hit(id=n.id, score=n.score, category=n.category, title=n.title)
-                            for n in vote.neighbours],
+                neighbours=_hits(request, rt, vote.neighbours, _paths(rt, vote.neighbours)),
             ).model_dump_json()
 
         return Response(await queries.run(run), media_type="application/json")
@@ -524,15 +677,46 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     def prom(rt: RuntimeDep) -> Response:
-        try:
-            metrics.pending.set(rt.store.pending_count())
-            metrics.lag.set(rt.replica.lag())
-        except StoreUnavailable:  # the gauges keep their last value
-            pass
-        metrics.index_size.set(len(rt.replica.v))
+        metrics.collect(rt)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/stats", response_model=Stats, operation_id="stats",
+             summary="Counts by status and category, queue depth: the numbers of /metrics",
+             dependencies=[Depends(read_access)], responses=_errors(401))
+    def stats(rt: RuntimeDep) -> Stats:
+        return metrics.collect(rt)
+
+    from .web import mount_pages
+
+    mount_pages(app, settings)
+
     return app
+
+
+def _photo_url(request: Request, lid: str, tag: str | None) -> str | None:
+    return None if tag is None else f"{request.url_for('get_photo', listing_id=lid)}?v={tag}"
+
+
+def _paths(rt: Runtime, hits: list[Neighbour]) -> dict[str, list[str]]:
+    """Each hit's category path: its labelled levels, or for a listing whose category was
+    predicted (no labelled level), the path its status holds (one store read for all)."""
+    out = {h.id: list(h.category_path) for h in hits}
+    predicted = [h.id for h in hits if not h.category_path]
+    if predicted:
+        for lid, st in zip(predicted, rt.store.statuses(predicted), strict=True):
+            out[lid] = list((st or {}).get("category_path") or [])
+    for h in hits:
+        if not out[h.id] and h.category:
+            out[h.id] = [h.category]
+    return out
+
+
+def _hits(request: Request, rt: Runtime, hits: list[Neighbour],
+          paths: dict[str, list[str]]) -> list[Hit]:
+    tags = rt.store.thumbnail_tags([h.id for h in hits])
+    return [Hit(id=h.id, score=h.score, category=h.category, title=h.title,
+                category_path=paths[h.id], photo_url=_photo_url(request, h.id, tag))
+            for h, tag in zip(hits, tags, strict=True)]
 
 
 class QueryPool:

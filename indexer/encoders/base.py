@@ -21,6 +21,11 @@ class TextEncoder(Protocol):
         """Return an ``(n, dim)`` float32 array of L2-normalised embeddings."""
         ...
 
+    def for_lane(self) -> TextEncoder:
+        """The encoder an ingestion lane (a thread running beside others) calls: one with
+        its own one-thread session, or this one where threads are process-wide (PyTorch)."""
+        ...
+
 
 @runtime_checkable
 class ImageEncoder(Protocol):
@@ -29,6 +34,10 @@ class ImageEncoder(Protocol):
 
     def encode(self, images: Sequence[object], progress: Progress | None = None) -> np.ndarray:
         """Encode decoded RGB ``PIL.Image`` objects into ``(n, dim)`` L2-normalised float32."""
+        ...
+
+    def for_lane(self) -> ImageEncoder:
+        """As :meth:`TextEncoder.for_lane`."""
         ...
 
 

@@ -14,6 +14,7 @@ model, without a download (used by the tests and for smoke runs).
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -99,6 +100,11 @@ class TorchImageEncoder:
         self.batch_size = batch_size
         self._forward = forward or self.model
 
+    def for_lane(self) -> TorchImageEncoder:
+        """PyTorch's thread count is process-wide: lanes share this encoder (the pipeline sets
+        one torch thread while they run)."""
+        return self
+
     def encode(self, images: Sequence[Any], progress: Progress | None = None) -> np.ndarray:
         import torch
 
@@ -113,6 +119,74 @@ class TorchImageEncoder:
                 if progress:
                     progress(len(chunk))
         return l2_normalize(out)
+
+
+class BackendImageEncoder:
+    """An image encoder's network run on ONNX Runtime or OpenVINO (see
+    :mod:`indexer.encoders.backends`); photos are preprocessed as for PyTorch (the same
+    letterbox transform), then run through the exported graph."""
+
+    def __init__(self, spec: str, source: TorchImageEncoder, backend: str, *, identity: str,
+                 export_root: Path, threads: int) -> None:
+        from .backends import (
+            BackendRunner,
+            build_graphs,
+            cache_key,
+            cached_export,
+            export_onnx,
+            graph_file,
+            split_backend,
+        )
+
+        self.spec, self.dim, self.batch_size = spec, source.dim, source.batch_size
+        self.preprocess = source.preprocess
+
+        def export(path: Path) -> None:
+            import torch
+
+            class Graph(torch.nn.Module):  # the encoder's forward (e.g. encode_image)
+                def __init__(self) -> None:
+                    super().__init__()
+                    self.net = source.model
+
+                def forward(self, pixels: Any) -> Any:
+                    return source._forward(pixels)
+
+            size = _input_size(source)
+            export_onnx(Graph().eval(), {"pixels": torch.zeros(2, 3, size, size)},
+                        {"pixels": {0: "batch"}}, path)
+
+        family, arch, _weights = parse_image_spec(split_backend(spec)[0])
+        folder = cached_export(export_root, f"image-{family}-{arch}-{backend}",
+                               cache_key(identity, backend),
+                               lambda d: build_graphs(d, export, transformer=False,
+                                                      backend=backend))
+        self.runner = BackendRunner(graph_file(folder, backend), backend, threads)
+
+    def for_lane(self) -> BackendImageEncoder:
+        """This encoder on the one-thread runner that ingestion lanes share."""
+        lane = copy.copy(self)
+        lane.runner = self.runner.for_lane()
+        return lane
+
+    def encode(self, images: Sequence[Any], progress: Progress | None = None) -> np.ndarray:
+        import torch
+
+        out = np.zeros((len(images), self.dim), dtype=np.float32)
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            x = torch.stack([self.preprocess(im) for im in chunk]).numpy()
+            out[start : start + len(chunk)] = self.runner.run({"pixels": x})
+            if progress:
+                progress(len(chunk))
+        return l2_normalize(out)
+
+
+def _input_size(enc: TorchImageEncoder) -> int:
+    """The square input side the encoder's transform produces."""
+    from PIL import Image
+
+    return int(enc.preprocess(Image.new("RGB", (64, 48), WHITE)).shape[-1])
 
 
 def optimize_for_inference(model: Any) -> Any:
@@ -289,10 +363,33 @@ LOADERS = {"open_clip": load_open_clip, "timm": load_timm, "torchvision": load_t
 
 
 def load_image_encoder(
-    spec: str, *, batch_size: int = 32, device: str = "cpu", optimize: bool = True
+    spec: str, *, batch_size: int = 32, device: str = "cpu", optimize: bool = True,
+    export_root: Path | None = None, threads: int = 0,
 ) -> Any:
-    """The encoder named by ``spec``. ``optimize=False`` keeps the model as built (batch norms
-    unfolded), for code that trains it rather than only running it."""
-    family, arch, weights = parse_image_spec(spec)
-    return LOADERS[family](spec, arch, weights, batch_size=batch_size, device=device,
-                           optimize=optimize)
+    """The encoder named by ``spec`` (``+onnx``/``+onnx-int8``/``+openvino`` for a backend,
+    see :mod:`indexer.encoders.backends`). ``optimize=False`` keeps a PyTorch model as built
+    (batch norms unfolded), for code that trains it rather than only running it.
+
+    ``@random`` weights are drawn from a fixed seed, so that every process building the same
+    random spec gets the same network (an index built by one is queried by another)."""
+    from .backends import TORCH, default_threads, export_dir_default, require, split_backend
+
+    base, backend = split_backend(spec)
+    family, arch, weights = parse_image_spec(base)
+    if backend != TORCH:
+        require(backend, spec)
+        device, optimize = "cpu", False  # the export takes the model as built
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        enc = LOADERS[family](base, arch, weights, batch_size=batch_size, device=device,
+                              optimize=optimize)
+    if backend == TORCH:
+        return enc
+    from .registry import model_identity
+
+    return BackendImageEncoder(
+        spec, enc, backend, identity=model_identity("image", base),
+        export_root=export_root or export_dir_default(), threads=default_threads(threads),
+    )

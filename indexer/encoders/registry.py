@@ -26,6 +26,7 @@ from typing import Any
 
 from ..errors import ModelSpecError
 from ..settings import Settings
+from .backends import split_backend, with_backend
 from .base import configure_torch
 
 NONE = {"", "none", "off"}
@@ -35,32 +36,35 @@ def is_off(spec: str) -> bool:
     return spec.strip().lower() in NONE
 
 
-INT8 = "+int8"
-
-
-def load_text_encoder(spec: str, *, batch_size: int = 32, device: str = "cpu") -> Any:
+def load_text_encoder(spec: str, *, batch_size: int = 32, device: str = "cpu",
+                      export_root: Path | None = None, threads: int = 0) -> Any:
     """``tfidf`` or a sentence-transformers hub id / local directory, optionally followed by
-    ``+int8``: its Linear layers dynamically quantized to int8 (CPU only)."""
+    a backend suffix (``+onnx``, ``+onnx-int8``, ``+openvino``: :mod:`.backends`)."""
+    from .backends import TORCH, default_threads, export_dir_default
+
     if spec.lower() == "tfidf":
         from .text import TfidfEncoder
 
         return TfidfEncoder()
-    from .text import SentenceTransformerEncoder
+    from .text import BackendTextEncoder, SentenceTransformerEncoder
 
-    if spec.endswith(INT8):
-        enc = SentenceTransformerEncoder(spec[: -len(INT8)], device=device,
-                                         batch_size=batch_size)
-        enc.quantize_int8()
-        enc.spec = spec  # recorded in the index: int8 and float vectors do not mix
-        return enc
-    return SentenceTransformerEncoder(spec, device=device, batch_size=batch_size)
+    base, backend = split_backend(spec)
+    if backend == TORCH:
+        return SentenceTransformerEncoder(spec, device=device, batch_size=batch_size)
+    return BackendTextEncoder(
+        spec, base, backend, identity=model_identity("text", base),
+        export_root=export_root or export_dir_default(), threads=default_threads(threads),
+        batch_size=batch_size,
+    )
 
 
-def load_encoder(kind: str, spec: str, *, batch_size: int = 32, device: str = "cpu") -> Any:
+def load_encoder(kind: str, spec: str, *, batch_size: int = 32, device: str = "cpu",
+                 export_root: Path | None = None, threads: int = 0) -> Any:
     hub = hub_repo(kind, spec)
     offline = hub is not None and hub_offline()
     try:
-        return _load_encoder(kind, spec, batch_size=batch_size, device=device)
+        return _load_encoder(kind, spec, batch_size=batch_size, device=device,
+                             export_root=export_root, threads=threads)
     except (ModelSpecError, OSError) as e:
         if not offline or not _about_download(e):
             raise
@@ -73,13 +77,16 @@ def load_encoder(kind: str, spec: str, *, batch_size: int = 32, device: str = "c
         ) from e
 
 
-def _load_encoder(kind: str, spec: str, *, batch_size: int, device: str) -> Any:
+def _load_encoder(kind: str, spec: str, *, batch_size: int, device: str,
+                  export_root: Path | None, threads: int) -> Any:
     if kind == "text":
-        return load_text_encoder(spec, batch_size=batch_size, device=device)
+        return load_text_encoder(spec, batch_size=batch_size, device=device,
+                                 export_root=export_root, threads=threads)
     if kind == "image":
         from .image import load_image_encoder
 
-        return load_image_encoder(spec, batch_size=batch_size, device=device)
+        return load_image_encoder(spec, batch_size=batch_size, device=device,
+                                  export_root=export_root, threads=threads)
     raise ModelSpecError(f"unknown encoder kind {kind!r}")
 
 
@@ -117,10 +124,10 @@ def hub_repo(kind: str, spec: str) -> str | None:
     spec = spec.strip()
     if is_off(spec) or spec.lower() == "tfidf":
         return None
+    spec = split_backend(spec)[0]
     if kind == "text":
-        base = spec[: -len(INT8)] if spec.endswith(INT8) else spec
-        local = base.startswith((".", "/", "~")) or _local_path(base) is not None
-        return None if local else base
+        local = spec.startswith((".", "/", "~")) or _local_path(spec) is not None
+        return None if local else spec
     from .image import RANDOM, parse_image_spec
 
     try:
@@ -241,21 +248,26 @@ def model_identity(kind: str, spec: str) -> str:
     """What ``spec`` names, for comparing two specs: a hub id or tag as written; a local
     model directory or weights file (existing on this machine) by :func:`fingerprint`."""
     spec = spec.strip()
+    try:
+        base, backend = split_backend(spec)
+    except ModelSpecError:
+        return spec
+    suffix = with_backend("", backend)
     if kind == "text":
-        base, suffix = (spec[: -len(INT8)], INT8) if spec.endswith(INT8) else (spec, "")
         local = _local_path(base) if base.lower() != "tfidf" else None
         return f"local:{fingerprint(local)}{suffix}" if local else spec
     if kind == "image":
         from .image import RANDOM, parse_image_spec
 
         try:
-            family, arch, weights = parse_image_spec(spec)
+            family, arch, weights = parse_image_spec(base)
         except ModelSpecError:
             return spec
         if weights is None:
-            return f"{family}:{arch}"
+            return f"{family}:{arch}{suffix}"
         local = _local_path(weights) if weights != RANDOM else None
-        return f"{family}:{arch}@" + (f"local:{fingerprint(local)}" if local else weights)
+        return (f"{family}:{arch}@" + (f"local:{fingerprint(local)}" if local else weights)
+                + suffix)
     return spec
 
 
@@ -267,12 +279,14 @@ def absolute_spec(kind: str, spec: str) -> str:
         p = Path(path).expanduser()
         return os.path.abspath(p) if p.exists() else path
 
-    s = spec.strip()
+    try:
+        s, backend = split_backend(spec)
+    except ModelSpecError:
+        return spec
     if kind == "text":
-        base, suffix = (s[: -len(INT8)], INT8) if s.endswith(INT8) else (s, "")
-        if is_off(base) or base.lower() == "tfidf":
+        if is_off(s) or s.lower() == "tfidf":
             return spec
-        return absolute(base) + suffix
+        return with_backend(absolute(s), backend)
     if kind == "image" and not is_off(s):
         from .image import RANDOM, parse_image_spec
 
@@ -281,7 +295,7 @@ def absolute_spec(kind: str, spec: str) -> str:
         except ModelSpecError:
             return spec
         if weights is not None and weights != RANDOM and _local_path(weights) is not None:
-            return f"{s.partition(':')[0]}:{arch}@{absolute(weights)}"
+            return with_backend(f"{s.partition(':')[0]}:{arch}@{absolute(weights)}", backend)
     return spec
 
 
@@ -313,7 +327,8 @@ class ModelRegistry:
             if key not in self._models:
                 configure_torch(self.settings.torch_threads)
                 self._models[key] = load_encoder(
-                    kind, spec, batch_size=self.settings.batch_size, device=self.settings.device
+                    kind, spec, batch_size=self.settings.batch_size, device=self.settings.device,
+                    export_root=self.settings.export_dir, threads=self.settings.torch_threads,
                 )
             return self._models[key]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -49,23 +50,10 @@ class SentenceTransformerEncoder:
             raise ModelSpecError(f"text model {spec!r} does not declare its embedding size")
         self.dim = int(dim)
 
-    def quantize_int8(self) -> None:
-        """Dynamic int8 quantization of every ``nn.Linear`` (weights int8, activations
-        quantized per batch): about 2x faster on CPU. Its cost, measured by
-        ``vitrine bench core`` with the ``+int8`` spec, is in docs/scale.md."""
-        import warnings
-
-        import torch
-
-        if str(self.model.device) != "cpu":
-            raise ModelSpecError("+int8 (dynamic quantization) runs on the CPU only")
-        try:
-            from torch.ao.quantization import quantize_dynamic
-        except ImportError as e:  # removed from a future torch: say so, don't fall back
-            raise ModelSpecError(f"this torch has no dynamic quantization for +int8: {e}") from e
-        with warnings.catch_warnings():  # torch announces the move of this API to torchao
-            warnings.simplefilter("ignore")
-            self.model = quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
+    def for_lane(self) -> SentenceTransformerEncoder:
+        """PyTorch's thread count is process-wide: lanes share this encoder (the pipeline sets
+        one torch thread while they run)."""
+        return self
 
     def encode(self, texts: Sequence[str], progress: Progress | None = None) -> np.ndarray:
         if not texts:
@@ -82,6 +70,84 @@ class SentenceTransformerEncoder:
         if progress:  # once, when done: the pipeline calls this per chunk of listings
             progress(len(texts))
         return np.asarray(out, dtype=np.float32)
+
+
+def _sentence_graph(model: Any, names: Sequence[str], constants: Mapping[str, Any]) -> Any:
+    """What is exported of a sentence-transformers model: its whole module chain (transformer,
+    pooling, normalisation), from the tokenizer's tensors (positional, in the order of
+    ``names``) to the sentence embedding. ``constants`` are the non-tensor entries of its
+    features (e.g. ``modality``)."""
+    import torch
+
+    class SentenceGraph(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *tensors: Any) -> Any:
+            features = dict(zip(names, tensors, strict=True))
+            return self.model({**features, **constants})["sentence_embedding"]
+
+    return SentenceGraph().eval()
+
+
+class BackendTextEncoder:
+    """A sentence-transformers model run on ONNX Runtime or OpenVINO (see
+    :mod:`indexer.encoders.backends`). Texts are tokenized by the model's own
+    ``preprocess`` (its tokenizer and maximum length), longest first in batches as
+    ``SentenceTransformer.encode`` does, then run through the exported graph."""
+
+    def __init__(self, spec: str, base: str, backend: str, *, identity: str, export_root: Path,
+                 threads: int, batch_size: int = 32) -> None:
+        from .backends import (
+            BackendRunner,
+            build_graphs,
+            cache_key,
+            cached_export,
+            export_onnx,
+            graph_file,
+            require,
+        )
+
+        require(backend, spec)
+        st = SentenceTransformerEncoder(base, device="cpu", batch_size=batch_size)
+        self.spec, self.dim, self.batch_size = spec, st.dim, batch_size
+        self._model = st.model  # its tokenizer; the weights run in the exported graph
+
+        def export(path: Path) -> None:
+            import torch
+
+            features = self._model.preprocess(["an example listing title", "a second one"])
+            tensors = {k: v for k, v in features.items() if isinstance(v, torch.Tensor)}
+            constants = {k: v for k, v in features.items() if k not in tensors}
+            export_onnx(_sentence_graph(self._model, list(tensors), constants), tensors,
+                        {k: {0: "batch", 1: "sequence"} for k in tensors}, path)
+
+        folder = cached_export(export_root, f"text-{Path(base).name or base}-{backend}",
+                               cache_key(identity, backend),
+                               lambda d: build_graphs(d, export, transformer=True,
+                                                      backend=backend))
+        self.runner = BackendRunner(graph_file(folder, backend), backend, threads)
+
+    def for_lane(self) -> BackendTextEncoder:
+        """This encoder on the one-thread runner that ingestion lanes share."""
+        lane = copy.copy(self)
+        lane.runner = self.runner.for_lane()
+        return lane
+
+    def encode(self, texts: Sequence[str], progress: Progress | None = None) -> np.ndarray:
+        import torch
+
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        for a in range(0, len(texts), self.batch_size):
+            rows = order[a : a + self.batch_size]
+            features = self._model.preprocess([texts[i] for i in rows])
+            feed = {k: v.numpy() for k, v in features.items() if isinstance(v, torch.Tensor)}
+            out[rows] = self.runner.run(feed)
+        if progress:
+            progress(len(texts))
+        return l2_normalize(out)
 
 
 class TfidfEncoder:
@@ -121,6 +187,9 @@ class TfidfEncoder:
         self._vec, self._components = vec, svd.components_
         self.dim = n_comp
         return self
+
+    def for_lane(self) -> TfidfEncoder:
+        return self  # no threads of its own
 
     @property
     def fitted(self) -> bool:

@@ -19,6 +19,9 @@ Words used throughout (docs/service.md draws them):
   append its log entry (an upsert) and drop the pending event; else change nothing (a
   newer write won, or this outcome was committed already: a duplicated or redelivered
   event changes nothing).
+* **thumbnail** — per listing id, the small JPEG of its indexed photo and its etag: set or
+  removed by the commit of an outcome that carries a log entry, removed by ``delete``;
+  ``put_thumbnails`` writes those of a seeded catalog.
 * **log** — entries ``{"op": "upsert"|"delete"|"reload", "id", "version", ...}`` at
   positions 1, 2, 3... (integers, gap-free when appended). Every replica applies them in
   order, highest version per id winning. ``trim(upto)`` drops entries ``<= upto`` and
@@ -79,6 +82,9 @@ class Outcome:
     version: int
     status: Status  # must hold "status" and "version" (== self.version)
     entry: LogEntry | None = None  # an upsert with "id" and "version"; None for failed
+    # with an entry: the listing's thumbnail (indexer.thumbs) as (etag, jpeg), committed
+    # with it; None removes the one of an earlier version (the new post has no photo)
+    thumbnail: tuple[str, bytes] | None = None
 
 
 @dataclass
@@ -133,6 +139,24 @@ class StateStore(Protocol):
     def status(self, lid: str) -> Status | None: ...
 
     def statuses(self, lids: Sequence[str]) -> list[Status | None]: ...
+
+    def status_counts(self) -> dict[str, int]:
+        """How many listings have each status (``queued``, ``indexed``, ``failed``,
+        ``deleted``); listings of a seeded catalog have none. A full scan: cache it."""
+        ...
+
+    # --- thumbnails -----------------------------------------------------------------------
+    def put_thumbnails(self, items: Sequence[tuple[str, str, bytes]]) -> None:
+        """Store ``(id, etag, jpeg)`` thumbnails unconditionally (a seeded catalog's)."""
+        ...
+
+    def thumbnail(self, lid: str) -> tuple[str, bytes] | None:
+        """``(etag, jpeg)`` of a listing's thumbnail, None when it has none."""
+        ...
+
+    def thumbnail_tags(self, lids: Sequence[str]) -> list[str | None]:
+        """The etag of each listing's thumbnail (None: no thumbnail), without the bytes."""
+        ...
 
     # --- the log --------------------------------------------------------------------------
     def append(self, entries: Sequence[LogEntry]) -> list[int]:

@@ -8,7 +8,9 @@ Keys, all under ``{prefix}:``:
   ``photo:{id}:{version}`` (the photo bytes, for exactly as long as their event is pending);
 * ``log`` (a stream whose entry ids are ``<pos>-0``), ``logpos`` (its INCR counter),
   ``trimmed`` (trimmed_upto);
-* ``lease:{name}`` (the owner, expiring by PX).
+* ``lease:{name}`` (the owner, expiring by PX);
+* ``thumb`` (hash id -> thumbnail JPEG) and ``thumbtag`` (hash id -> its etag), written by
+  the commit of an indexed outcome and removed by a delete, in the same script.
 
 Every write that must be atomic is one Lua script: Redis runs a script alone, so no other
 client sees it half done, and no MULTI/WATCH retry loop is needed. A script is all-or-nothing
@@ -87,6 +89,7 @@ def redact(url: str) -> str:
 _PRELUDE = """
 local K_VERSION, K_LATEST, K_STATUS, K_PENDING, K_EVENTS, K_LOG, K_LOGPOS, K_TRIMMED =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_THUMB, K_THUMBTAG = KEYS[9], KEYS[10]
 local PHOTO = ARGV[1]
 local function now_us()
   local t = redis.call('TIME')
@@ -134,6 +137,8 @@ local v = redis.call('INCR', K_VERSION)
 drop_event(id)
 redis.call('HSET', K_LATEST, id, v)
 redis.call('HSET', K_STATUS, id, cjson.encode({status = 'deleted', version = v}))
+redis.call('HDEL', K_THUMB, id)
+redis.call('HDEL', K_THUMBTAG, id)
 log_append(cjson.encode({op = 'delete', id = id, version = v}))
 return v
 """
@@ -178,15 +183,25 @@ return out
 
 # The pending event is always the latest accepted post (accept replaces it, delete drops
 # it), so finding it at the outcome's version means that version is still latest; and a
-# duplicate or late commit of it finds it gone and changes nothing.
+# duplicate or late commit of it finds it gone and changes nothing. Per outcome: id, version,
+# status, entry ('' for none), thumbnail etag ('' to remove it) and bytes.
 _COMMIT = """
 local res = {}
-for i = 2, #ARGV, 4 do
+for i = 2, #ARGV, 6 do
   local id = ARGV[i]
   local ok = pending_version(id) == tonumber(ARGV[i + 1])
   if ok then
     redis.call('HSET', K_STATUS, id, ARGV[i + 2])
-    if ARGV[i + 3] ~= '' then log_append(ARGV[i + 3]) end
+    if ARGV[i + 3] ~= '' then
+      log_append(ARGV[i + 3])
+      if ARGV[i + 4] == '' then
+        redis.call('HDEL', K_THUMB, id)
+        redis.call('HDEL', K_THUMBTAG, id)
+      else
+        redis.call('HSET', K_THUMB, id, ARGV[i + 5])
+        redis.call('HSET', K_THUMBTAG, id, ARGV[i + 4])
+      end
+    end
     drop_event(id)
   end
   res[#res + 1] = ok and 1 or 0
@@ -242,7 +257,7 @@ class RedisStore:
         self._p = prefix
         self._keys = [f"{prefix}:{k}" for k in
                       ("version", "latest", "status", "pending", "events", "log", "logpos",
-                       "trimmed")]
+                       "trimmed", "thumb", "thumbtag")]
         self._log = f"{prefix}:log"
         self._photo = f"{prefix}:photo:"
         # a blocked XREAD must answer before the socket times out, or it reads as an outage
@@ -315,7 +330,8 @@ class RedisStore:
             if o.status.get("version") != o.version or "status" not in o.status:
                 raise ValueError(f"status of {o.id!r} must hold status and version {o.version}")
             entry = "" if o.entry is None else encode_entry(o.entry)
-            args += [o.id, int(o.version), json.dumps(o.status), entry]
+            tag, jpeg = o.thumbnail or ("", b"")
+            args += [o.id, int(o.version), json.dumps(o.status), entry, tag, jpeg]
         return [bool(x) for x in self._run(self._commit, *args)]
 
     @_transient
@@ -351,6 +367,40 @@ class RedisStore:
             return []
         raws = self._r.hmget(f"{self._p}:status", list(lids))
         return [json.loads(r) if r is not None else None for r in raws]
+
+    @_transient
+    def status_counts(self) -> dict[str, int]:
+        # HSCAN in pages: Redis keeps serving others between them (a script would block it)
+        counts: dict[str, int] = {}
+        for _, raw in self._r.hscan_iter(f"{self._p}:status", count=1000):
+            st = json.loads(raw)["status"]
+            counts[st] = counts.get(st, 0) + 1
+        return counts
+
+    # --- thumbnails -----------------------------------------------------------------------
+    @_transient
+    def put_thumbnails(self, items: Sequence[tuple[str, str, bytes]]) -> None:
+        if not items:
+            return
+        pipe = self._r.pipeline()  # MULTI/EXEC: a tag never names bytes not stored
+        pipe.hset(f"{self._p}:thumb", mapping={lid: jpeg for lid, _, jpeg in items})
+        pipe.hset(f"{self._p}:thumbtag", mapping={lid: tag for lid, tag, _ in items})
+        pipe.execute()
+
+    @_transient
+    def thumbnail(self, lid: str) -> tuple[str, bytes] | None:
+        pipe = self._r.pipeline()
+        pipe.hget(f"{self._p}:thumbtag", lid)
+        pipe.hget(f"{self._p}:thumb", lid)
+        tag, jpeg = pipe.execute()
+        return None if tag is None or jpeg is None else (tag.decode(), bytes(jpeg))
+
+    @_transient
+    def thumbnail_tags(self, lids: Sequence[str]) -> list[str | None]:
+        if not lids:
+            return []
+        raws: list[bytes | None] = self._r.hmget(f"{self._p}:thumbtag", list(lids))  # type: ignore[assignment]
+        return [r.decode() if r is not None else None for r in raws]
 
     # --- the log --------------------------------------------------------------------------
     @_transient

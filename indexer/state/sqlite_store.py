@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('version', 0), ('trimmed_upto', 0), ('last_pos', 0);
 CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, owner TEXT NOT NULL,
                                    expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS thumbs (id TEXT PRIMARY KEY, etag TEXT NOT NULL, jpeg BLOB NOT NULL);
 """
 
 # Primary result codes that mean "not now" rather than a bug in a statement.
@@ -189,6 +190,7 @@ class SqliteStore:
             v = self._next_version(conn)
             self._put_status(conn, lid, {"status": "deleted", "version": v})
             conn.execute("DELETE FROM pending WHERE id = ?", (lid,))
+            conn.execute("DELETE FROM thumbs WHERE id = ?", (lid,))
             self._append(conn, [{"op": "delete", "id": lid, "version": v}])
         return v
 
@@ -243,6 +245,11 @@ class SqliteStore:
                 self._put_status(conn, o.id, o.status)
                 if o.entry is not None:
                     self._append(conn, [o.entry])
+                    if o.thumbnail is None:
+                        conn.execute("DELETE FROM thumbs WHERE id = ?", (o.id,))
+                    else:
+                        conn.execute("INSERT OR REPLACE INTO thumbs VALUES (?, ?, ?)",
+                                     (o.id, *o.thumbnail))
                 done.append(True)
         return done
 
@@ -273,6 +280,28 @@ class SqliteStore:
             rows = [conn.execute("SELECT status FROM statuses WHERE id = ?", (lid,)).fetchone()
                     for lid in lids]
         return [None if r is None else json.loads(r[0]) for r in rows]
+
+    def status_counts(self) -> dict[str, int]:
+        with self._tx(write=False) as conn:
+            rows = conn.execute("SELECT json_extract(status, '$.status'), COUNT(*) "
+                                "FROM statuses GROUP BY 1").fetchall()
+        return {str(k): int(n) for k, n in rows}
+
+    # --- thumbnails -----------------------------------------------------------------------
+    def put_thumbnails(self, items: Sequence[tuple[str, str, bytes]]) -> None:
+        with self._tx() as conn:
+            conn.executemany("INSERT OR REPLACE INTO thumbs VALUES (?, ?, ?)", items)
+
+    def thumbnail(self, lid: str) -> tuple[str, bytes] | None:
+        with self._tx(write=False) as conn:
+            row = conn.execute("SELECT etag, jpeg FROM thumbs WHERE id = ?", (lid,)).fetchone()
+        return None if row is None else (str(row[0]), bytes(row[1]))
+
+    def thumbnail_tags(self, lids: Sequence[str]) -> list[str | None]:
+        with self._tx(write=False) as conn:
+            rows = [conn.execute("SELECT etag FROM thumbs WHERE id = ?", (lid,)).fetchone()
+                    for lid in lids]
+        return [None if r is None else str(r[0]) for r in rows]
 
     # --- the log --------------------------------------------------------------------------
     def append(self, entries: Sequence[LogEntry]) -> list[int]:

@@ -17,5 +17,14 @@ def test_core_bench_reports_every_modality(settings):
     assert r["cv"]["results"]["fused"]["accuracy"] > 0.5
     # the supervised reference, trained on the same fused vectors of the same folds
     assert r["cv"]["results"][PROBE]["accuracy"] > 0.5
+    # paths, calibration and out-of-catalog figures beside the first-level results
+    for mode in ("full", "title"):
+        levels = r["paths"][mode]["paths"]
+        assert levels["level_1"]["coverage"] == 1.0 and levels["level_2"]["listings"] > 0
+        conf = r["paths"][mode]["confidence"]
+        assert 0 <= conf["ece_calibrated"] <= 1 and conf["reliability_calibrated"]
+        assert len(r["paths"][mode]["operating_points"]) > 1
+    assert r["out_of_catalog"]["listings"] >= 60
+    assert 0 <= r["out_of_catalog"]["flagged_full"] <= 1
     assert r["speed"]["text_listings_per_s"] > 0 and r["speed"]["image_listings_per_s"] > 0
     assert r["latency_ms"]["search_k10"]["p99"] >= r["latency_ms"]["search_k10"]["p50"] > 0

@@ -26,26 +26,6 @@ def test_offline_text_model_embeds_meaningfully(registry):
     assert e[0] @ e[1] > e[0] @ e[2] + 0.2
 
 
-def test_int8_text_model_is_quantized_and_close(registry):
-    """``+int8``: Linear layers swapped for dynamic int8 ones, embeddings near the float ones
-    (the categorization cost is measured by `vitrine bench core`, docs/scale.md)."""
-    import torch
-
-    texts = ["analog wrist watch for men", "men's chronograph watch", "cotton door curtain",
-             "baby boy cotton romper", "stainless steel pressure cooker 5 l"]
-    spec = f"{TEXT_MODEL}+int8"
-    q = load_text_encoder(spec, batch_size=4)
-    assert q.spec == spec and q.dim == 384
-    mods = list(q.model.modules())
-    assert not any(type(m) is torch.nn.Linear for m in mods)
-    assert any(type(m).__name__ == "Linear" and "quantized" in type(m).__module__ for m in mods)
-    f, e = registry.text().encode(texts), q.encode(texts)
-    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
-    cos = (f * e).sum(axis=1)
-    assert cos.min() > 0.8 and not np.allclose(f, e, atol=1e-3)
-    assert e[0] @ e[1] > e[0] @ e[2] + 0.2  # still meaningful
-
-
 def test_offline_image_model(registry, catalog):
     from indexer.images import decode_image, read_image_bytes
 

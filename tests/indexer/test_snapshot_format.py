@@ -24,6 +24,7 @@ from indexer.index import current_snapshot
 from indexer.pipeline import SNAPSHOT_FORMAT, Vitrine, lexical_text
 
 FILES = {"manifest.json", "fusion.json", "fusion.npz", "lexical.json", "lexical.npz",
+         "calibration.json", "calibration.npz",
          "base.faiss", "delta.npy", "alive.npy", "labelled.npy", "category.npy",
          "slots.json", "index.json"}
 

@@ -481,3 +481,60 @@ def test_sqlite_kill_9_during_accepts_leaves_a_consistent_store(tmp_path: Path):
         assert v > max(acknowledged.values()) and (maybe is None or v > maybe["version"])
         acknowledged[f"after-{run}"] = v
         store.close()
+
+
+# --- thumbnails ------------------------------------------------------------------------------
+
+
+def _thumb(lid: str, version: int, jpeg: bytes | None) -> Outcome:
+    o = indexed(lid, version)
+    return Outcome(o.id, o.version, o.status, o.entry,
+                   None if jpeg is None else (f"tag-{jpeg.hex()}", jpeg))
+
+
+def test_thumbnail_follows_the_listing_commit_repost_and_delete(backend: Backend,
+                                                                store: StateStore):
+    # binary bytes with a NUL and invalid UTF-8: Redis and SQLite must keep them bit for bit
+    jpeg = b"\xff\xd8\x00\xfe-one"
+    v1 = post(store, "a", photo=b"raw")
+    claim_one(store)
+    assert store.thumbnail("a") is None  # nothing until the outcome commits
+    assert store.commit([_thumb("a", v1, jpeg)]) == [True]
+    assert store.thumbnail("a") == (f"tag-{jpeg.hex()}", jpeg)
+    assert store.thumbnail_tags(["a", "nope"]) == [f"tag-{jpeg.hex()}", None]
+    store = backend.reopen(store)  # durable
+    assert store.thumbnail("a") == (f"tag-{jpeg.hex()}", jpeg)
+    # a late (superseded) outcome changes nothing, its thumbnail included
+    v2 = post(store, "a")
+    assert store.commit([_thumb("a", v1, b"stale")]) == [False]
+    assert store.thumbnail("a") == (f"tag-{jpeg.hex()}", jpeg)
+    # a failed re-post leaves the indexed version, and its photo, in place
+    claim_one(store)
+    failed = Outcome("a", v2, {"status": "failed", "version": v2, "error": "x"})
+    assert store.commit([failed]) == [True]
+    assert store.thumbnail("a") is not None
+    # an indexed re-post without a photo removes the old one: it no longer shows the listing
+    v3 = post(store, "a")
+    claim_one(store)
+    assert store.commit([_thumb("a", v3, None)]) == [True]
+    assert store.thumbnail("a") is None
+    v4 = post(store, "a", photo=b"raw")
+    claim_one(store)
+    assert store.commit([_thumb("a", v4, b"two")]) == [True]
+    store.delete("a")
+    assert store.thumbnail("a") is None and store.thumbnail_tags(["a"]) == [None]
+
+
+def test_seeded_thumbnails_and_status_counts(store: StateStore):
+    store.put_thumbnails([("c1", "t1", b"\x00one"), ("c2", "t2", b"two")])
+    assert store.thumbnail("c2") == ("t2", b"two")
+    assert store.thumbnail_tags(["c1", "c2", "c3"]) == ["t1", "t2", None]
+    assert store.status_counts() == {}  # a seeded catalog's listings have no status
+    v = post(store, "a")
+    post(store, "b")
+    post(store, "c")
+    store.delete("c")
+    claim = store.claim(10, 30, 5)
+    assert {e.id for e in claim.events} == {"a", "b"}
+    assert store.commit([indexed("a", v)]) == [True]
+    assert store.status_counts() == {"indexed": 1, "queued": 1, "deleted": 1}

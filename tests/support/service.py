@@ -144,7 +144,8 @@ class Server:
     """``vitrine serve`` (embedded: no broker) in its own process group, with the offline
     models, on ``data``; ``env`` adds or overrides settings (``VITRINE_...``)."""
 
-    def __init__(self, data: Path, log: Path, **env: str) -> None:
+    def __init__(self, data: Path, log: Path, *, args: tuple[str, ...] = (),
+                 start_timeout: float = 120, **env: str) -> None:
         from tests.support.offline import ROOT
         from tests.support.workers import worker_env
 
@@ -152,11 +153,11 @@ class Server:
         full = worker_env("unused", data, **env)
         full.pop("VITRINE_BROKER_URL")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vitrine.cli", "serve", "--port", str(self.port)],
+            [sys.executable, "-m", "vitrine.cli", "serve", "--port", str(self.port), *args],
             cwd=ROOT, env=full, stdout=log.open("ab"), stderr=subprocess.STDOUT,
             start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}"
-        wait_until(self.up, 120, every=0.2)
+        wait_until(self.up, start_timeout, every=0.2)
 
     def up(self) -> bool:
         if self.proc.poll() is not None:

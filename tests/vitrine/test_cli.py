@@ -104,6 +104,10 @@ def test_index_predict_search(small_csv, small_index):
     got = {r["uniq_id"]: r for r in csv.DictReader(out.open())}
     assert set(got) == {"n1", "n3", "n5"}  # the bad rows are reported, the rest goes through
     assert got["n1"]["category"] == "Watches"
+    # the path in one column, its levels joined by " >> ", the first level first; the six
+    # catalog watches are all "Watches >> Wrist Watches"
+    assert got["n1"]["category_path"].split(" >> ")[:2] == ["Watches", "Wrist Watches"]
+    assert all(r["category_path"].split(" >> ")[0] == r["category"] for r in got.values())
     assert got["n5"]["category"] == "Watches"  # from its text: its photo is unusable
     assert 0 <= float(got["n1"]["confidence"]) <= 1
     # every problem is printed, counted and written: refused rows and the corrupt photo
@@ -128,8 +132,9 @@ def test_model_identity_not_spelling(tmp_path):
     shutil.copytree(TEXT_MODEL, copy / "minilm")
     shutil.copy(IMAGE_WEIGHTS, copy / "w.safetensors")
     assert same_model("text", str(TEXT_MODEL), str(copy / "minilm"))
-    assert same_model("text", f"{TEXT_MODEL}+int8", f"{copy / 'minilm'}+int8")
-    assert not same_model("text", str(TEXT_MODEL), f"{copy / 'minilm'}+int8")
+    assert same_model("text", f"{TEXT_MODEL}+onnx-int8", f"{copy / 'minilm'}+onnx-int8")
+    assert not same_model("text", str(TEXT_MODEL), f"{copy / 'minilm'}+onnx-int8")
+    assert not same_model("text", f"{TEXT_MODEL}+onnx", f"{copy / 'minilm'}+openvino")
     assert same_model("image", f"torchvision:mobilenet_v2@{IMAGE_WEIGHTS}",
                       f"torchvision:mobilenet_v2@{copy / 'w.safetensors'}")
     assert not same_model("image", f"torchvision:mobilenet_v2@{IMAGE_WEIGHTS}",

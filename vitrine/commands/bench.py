@@ -1,4 +1,4 @@
-"""``vitrine bench search`` and ``vitrine bench ingest`` (scale and speed, JSON output)."""
+"""``vitrine bench search``, ``ingest`` and ``encoders`` (scale and speed, JSON output)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,21 @@ def register(_sub: argparse._SubParsersAction, bench: argparse._SubParsersAction
     add_model_flags(p)
     p.set_defaults(func=cmd_ingest)
 
+    p = bench.add_parser("encoders", help="every encoder x every installed backend (PyTorch, "
+                         "ONNX Runtime, OpenVINO): speed and fidelity side by side")
+    p.add_argument("--data", type=Path, required=True, help="folder with the Flipkart CSV")
+    p.add_argument("--n", type=int, default=256,
+                   help="items per random-weight hub model (the offline models take the "
+                   "whole catalog)")
+    p.add_argument("--single", type=int, default=100, help="items timed one at a time")
+    p.add_argument("--backends", help="comma-separated subset of onnx,onnx-int8,openvino "
+                   "(PyTorch always runs: it is the reference)")
+    p.add_argument("--models", help="offline, hub or both (default)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", type=Path)
+    add_model_flags(p)
+    p.set_defaults(func=cmd_encoders)
+
 
 def _emit(result: dict, out: Path | None) -> int:
     if out:
@@ -59,4 +74,18 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     result = run_ingest_bench(args.data, settings_from_args(args), n=args.n,
                               rounds=args.rounds, sweep=args.sweep)
+    return _emit(result, args.out)
+
+
+def cmd_encoders(args: argparse.Namespace) -> int:
+    from evaluation.bench_encoders import run_encoders_bench
+
+    def split(v: str | None) -> list[str] | None:
+        return [x.strip() for x in v.split(",") if x.strip()] if v else None
+
+    result = run_encoders_bench(
+        args.data, settings_from_args(args), n=args.n, singles=args.single,
+        backends=split(args.backends), include=split(args.models),
+        progress=lambda m: print(m, file=sys.stderr, flush=True),
+    )
     return _emit(result, args.out)

@@ -191,11 +191,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         votes, problems = v.classify_reporting(listings, update)
     with args.output.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["uniq_id", "category", "confidence", "uncertain", "neighbours"])
+        # new columns go last, so that readers of the first five by position keep working
+        w.writerow(["uniq_id", "category", "confidence", "uncertain", "neighbours",
+                    "category_path", "uncertain_reason"])
         for x, vote in zip(listings, votes, strict=True):
             w.writerow([
                 x.id, vote.category or "", f"{vote.confidence:.4f}", int(vote.uncertain),
                 " ".join(n.id for n in vote.neighbours[:5]),
+                " >> ".join(vote.category_path), vote.uncertain_reason or "",
             ])
     # refused rows (not in the output), then listings predicted from less than they had
     # (an unusable photo: from the text only) or not at all (nothing usable: empty category)
