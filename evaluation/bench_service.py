@@ -50,7 +50,10 @@ import numpy as np
 from indexer.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
-LATENCY_TARGET_P99_MS = 20.0
+# p99 targets over HTTP (issue 17): by listing id the index search alone; by text and by
+# photo a forward pass more (the in-process text query vector: 5 ms)
+LATENCY_TARGET_P99_MS = {"by_listing_id": 20.0, "by_text": 10.0, "by_image": 15.0}
+TEXT_VECTOR_TARGET_P99_MS = 5.0
 RATIO_TARGET = 0.8
 
 
@@ -449,7 +452,8 @@ def run_service_bench(settings: Settings, data: Path, *, broker_url: str, n_inge
         replica.snapshot()  # the API loads it at start; the log position is inside
         api, http_ = start_api()
         out["search"] = _search_latency(v, http_, real_ids, listings, queries)
-        out["search"]["target_p99_ms"] = LATENCY_TARGET_P99_MS
+        out["search"]["target_p99_ms"] = {**LATENCY_TARGET_P99_MS,
+                                          "text_query_vector": TEXT_VECTOR_TARGET_P99_MS}
         api.stop()
         http_.close()
     finally:
@@ -632,6 +636,8 @@ def _search_latency(v: Any, http_: Http, real_ids: list[str], listings: list[Any
     res["in_process"] = {"index_search": _pct(lat), "text_query_vector": _pct(enc)}
     res["http_overhead_p50_ms"] = round(
         http_res["by_listing_id"]["p50_ms"] - res["in_process"]["index_search"]["p50_ms"], 3)
-    res["meets_target"] = {k: http_res[k]["p99_ms"] <= LATENCY_TARGET_P99_MS
-                           for k in ("by_listing_id",) if k in http_res}
+    res["meets_target"] = {k: http_res[k]["p99_ms"] <= target
+                           for k, target in LATENCY_TARGET_P99_MS.items() if k in http_res}
+    res["meets_target"]["text_query_vector"] = (
+        res["in_process"]["text_query_vector"]["p99_ms"] <= TEXT_VECTOR_TARGET_P99_MS)
     return res

@@ -244,6 +244,7 @@
       const crumbs = out.category_path.map((level, i) => {
         const li = document.createElement("li");
         li.textContent = level;
+        li.setAttribute("aria-label", `level ${i + 1}: ${level}, ${pct(out.path_confidence[i] ?? 0)}`);
         const c = document.createElement("span");
         c.className = "conf";
         c.textContent = pct(out.path_confidence[i] ?? 0);
@@ -251,12 +252,27 @@
         li.append(c);
         return li;
       });
-      $("#suggest-path").replaceChildren(...crumbs);
+      // pills with a separator between them (outside the list items: read as one path)
+      $("#suggest-path").replaceChildren(...crumbs.flatMap((li, i) => {
+        if (!i) return [li];
+        const sep = document.createElement("li");
+        sep.className = "sep";
+        sep.setAttribute("aria-hidden", "true");
+        sep.textContent = "›";
+        return [sep, li];
+      }));
       const flag = $("#suggest-flag");
       flag.hidden = !out.uncertain;
       flag.textContent = out.uncertain ? (REASONS[out.uncertain_reason] || "Uncertain.") : "";
-      const alts = Object.entries(out.scores).sort((a, b) => b[1] - a[1]).slice(0, 4);
-      $("#suggest-alts").replaceChildren(...alts.map(([name, share]) => {
+      // the first levels the neighbours voted for (a share under 1% is no alternative)
+      const alts = Object.entries(out.scores).filter(([, v]) => v >= 0.01)
+        .sort((a, b) => b[1] - a[1]).slice(0, 4);
+      if (alts.length < 2) {
+        const li = document.createElement("li");
+        li.className = "hint";
+        li.textContent = "None: every similar listing is in this category.";
+        $("#suggest-alts").replaceChildren(li);
+      } else $("#suggest-alts").replaceChildren(...alts.map(([name, share]) => {
         const li = document.createElement("li");
         const label = document.createElement("span");
         label.textContent = name;

@@ -55,7 +55,7 @@ def test_posted_photo_is_a_cached_thumbnail_until_deleted(api) -> None:  # type:
     img = Image.open(io.BytesIO(r.content))
     # a thumbnail, not the upload: at most 256 px, same aspect ratio, same colour
     assert img.format == "JPEG" and img.size == (256, 171), img.size
-    assert max(abs(a - b) for a, b in zip(img.getpixel((128, 85)), (20, 90, 200))) < 12
+    assert max(abs(a - b) for a, b in zip(img.getpixel((128, 85)), (20, 90, 200), strict=True)) < 12
     # with v equal to its etag the URL is immutable; without, it must be revalidated
     tag = r.headers["etag"]
     assert tag == f'"{url.rsplit("=", 1)[1]}"'
