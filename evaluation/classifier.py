@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from indexer.encoders.backends import split_backend
 from indexer.encoders.image import load_image_encoder
 
 # part of the study's cache key: bump when the recipe changes so that cached outcomes expire
@@ -118,7 +119,8 @@ def fine_tune(
 
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    enc = load_image_encoder(spec, batch_size=batch_size, optimize=False)
+    # the network is trained, so it is the PyTorch model whatever backend serves the spec
+    enc = load_image_encoder(split_backend(spec)[0], batch_size=batch_size, optimize=False)
     backbone = enc.model
     prefix, n_train, first = split_backbone(backbone, train_fraction)
     params = list(backbone.parameters())

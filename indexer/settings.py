@@ -14,8 +14,12 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_TEXT_MODEL = "sentence-transformers/all-mpnet-base-v2"
-DEFAULT_IMAGE_MODEL = "open_clip:ViT-B-32@laion2b_s34b_b79k"
+# On CPU through the backends `vitrine bench encoders` measured fastest among the faithful
+# ones for these architectures (README, Fast encoders): both are full precision, so their
+# fidelity does not depend on the weights (int8's would, and the real weights of these two
+# cannot be measured offline). On a GPU, name the models without the suffix.
+DEFAULT_TEXT_MODEL = "sentence-transformers/all-mpnet-base-v2+openvino"
+DEFAULT_IMAGE_MODEL = "open_clip:ViT-B-32@laion2b_s34b_b79k+onnx"
 
 
 class Settings(BaseSettings):
@@ -26,12 +30,15 @@ class Settings(BaseSettings):
     # --- encoders -------------------------------------------------------------------------
     text_model: str = Field(
         DEFAULT_TEXT_MODEL,
-        description="sentence-transformers hub id or local directory, or 'tfidf' / 'none'.",
+        description="sentence-transformers hub id or local directory, or 'tfidf' / 'none'; "
+        "'+onnx', '+onnx-int8' or '+openvino' after it picks a CPU backend "
+        "(indexer/encoders/backends.py).",
     )
     image_model: str = Field(
         DEFAULT_IMAGE_MODEL,
         description="'open_clip:<arch>@<tag|file>', 'timm:<model>@<tag|file>', "
-        "'torchvision:<arch>@<file.safetensors>' or 'none'.",
+        "'torchvision:<arch>@<file.safetensors>' or 'none'; a backend suffix as for "
+        "text_model.",
     )
     lexical: bool = Field(
         True,
@@ -87,6 +94,12 @@ class Settings(BaseSettings):
         0.05, ge=0.0, lt=1.0, description="Out-of-catalog test: a query less similar to its "
         "nearest neighbour of the voted category than this quantile of the same-category "
         "nearest similarities measured on the catalog is uncertain (0: never)."
+    )
+    duplicate_quantile: float = Field(
+        0.99, ge=0.0, lt=1.0, description="Near-duplicates: a new listing at least as "
+        "similar to an indexed one as this quantile of the nearest-neighbour similarities "
+        "between distinct catalog listings names it among its `duplicates` (0: only the "
+        "same photo does). Measured when the index is built."
     )
     exact_max: int = Field(
         10_000, ge=0, description="Catalogs up to this size use an exact flat index."

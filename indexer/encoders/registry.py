@@ -79,6 +79,12 @@ def load_encoder(kind: str, spec: str, *, batch_size: int = 32, device: str = "c
 
 def _load_encoder(kind: str, spec: str, *, batch_size: int, device: str,
                   export_root: Path | None, threads: int) -> Any:
+    base, backend = split_backend(spec)
+    if backend != "torch" and device != "cpu":
+        raise ModelSpecError(
+            f"{spec!r}: the {backend} backend runs on the CPU, and the device is {device!r}: "
+            f"name the model without the suffix ({base!r}) to run it in PyTorch there"
+        )
     if kind == "text":
         return load_text_encoder(spec, batch_size=batch_size, device=device,
                                  export_root=export_root, threads=threads)

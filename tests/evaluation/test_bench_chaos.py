@@ -7,7 +7,7 @@ import uuid
 import pytest
 import redis
 
-from tests.support.offline import DATA_DIR, IMAGE_WEIGHTS, TEXT_MODEL
+from tests.support.offline import DATA_DIR, IMAGE_SPEC, TEXT_SPEC
 from vitrine.cli import main
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -15,8 +15,8 @@ REDIS = "redis://127.0.0.1:6379/0"
 
 @pytest.mark.slow
 def test_chaos_two_cycles_lose_nothing(tmp_path, monkeypatch):
-    monkeypatch.setenv("VITRINE_TEXT_MODEL", str(TEXT_MODEL))
-    monkeypatch.setenv("VITRINE_IMAGE_MODEL", f"torchvision:mobilenet_v2@{IMAGE_WEIGHTS}")
+    monkeypatch.setenv("VITRINE_TEXT_MODEL", TEXT_SPEC)
+    monkeypatch.setenv("VITRINE_IMAGE_MODEL", IMAGE_SPEC)
     monkeypatch.delenv("VITRINE_API_KEY", raising=False)
     out = tmp_path / "chaos.json"
     before = {k for k in redis.Redis.from_url(REDIS).scan_iter("vchaos-*", count=1000)}

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support.offline import IMAGE_WEIGHTS, ROOT, TEXT_MODEL
+from tests.support.offline import IMAGE_SPEC, ROOT, TEXT_SPEC
 
 REDIS = "redis://127.0.0.1:6379/0"
 
@@ -16,8 +16,8 @@ REDIS = "redis://127.0.0.1:6379/0"
 def worker_env(prefix: str, data_dir: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
-        "VITRINE_TEXT_MODEL": str(TEXT_MODEL),
-        "VITRINE_IMAGE_MODEL": f"torchvision:mobilenet_v2@{IMAGE_WEIGHTS}",
+        "VITRINE_TEXT_MODEL": TEXT_SPEC,
+        "VITRINE_IMAGE_MODEL": IMAGE_SPEC,
         "VITRINE_BROKER_URL": REDIS,
         "VITRINE_REDIS_PREFIX": prefix,
         "VITRINE_DATA_DIR": str(data_dir),

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.offline import CSV, DATA_DIR, IMAGE_WEIGHTS, TEXT_MODEL
+from tests.support.offline import CSV, DATA_DIR, IMAGE_SPEC, IMAGE_WEIGHTS, TEXT_MODEL, TEXT_SPEC
 
 pytestmark = pytest.mark.slow
 
 
 def offline_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, VITRINE_TEXT_MODEL=str(TEXT_MODEL),
-               VITRINE_IMAGE_MODEL=f"torchvision:mobilenet_v2@{IMAGE_WEIGHTS}",
+    env = dict(os.environ, VITRINE_TEXT_MODEL=TEXT_SPEC, VITRINE_IMAGE_MODEL=IMAGE_SPEC,
                VITRINE_TORCH_THREADS="2", PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
@@ -67,16 +66,16 @@ def small_index(small_csv):
     (d / "shared").symlink_to(TEXT_MODEL.parents[1])
     p = run("index", "--catalog", str(catalog), "--images", str(DATA_DIR / "images"),
             "--index", "index", "--bad-rows", "bad.csv", cwd=d,
-            VITRINE_TEXT_MODEL="shared/models/all-MiniLM-L6-v2",
+            VITRINE_TEXT_MODEL="shared/models/all-MiniLM-L6-v2+onnx-int8",
             VITRINE_IMAGE_MODEL="torchvision:mobilenet_v2@"
-                                "shared/models/mobilenet_v2_imagenet/model.safetensors")
+                                "shared/models/mobilenet_v2_imagenet/model.safetensors+onnx")
     assert f"indexed {len(rows)} listings" in p.stdout
     manifest = json.loads(next((d / "index").glob("snap-*/manifest.json")).read_text())
     # recorded absolute (not relative to the folder it ran in), as `make` spells it
-    assert manifest["text_model"] == str(d / "shared/models/all-MiniLM-L6-v2")
+    assert manifest["text_model"] == f"{d / 'shared/models/all-MiniLM-L6-v2'}+onnx-int8"
     assert manifest["image_model"] == ("torchvision:mobilenet_v2@"
                                        f"{d / 'shared/models/mobilenet_v2_imagenet'}"
-                                       "/model.safetensors")
+                                       "/model.safetensors+onnx")
     return d / "index"
 
 
