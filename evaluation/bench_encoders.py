@@ -137,15 +137,16 @@ def _measure(enc_spec: str, kind: str, settings: Settings, listings: list[Listin
 def run_encoders_bench(
     data: Path, settings: Settings, *, n: int = 256, singles: int = 100,
     backends: list[str] | None = None, include: list[str] | None = None,
-    progress: Callable[[str], None] = lambda m: None,
+    limit: int | None = None, progress: Callable[[str], None] = lambda m: None,
 ) -> dict[str, Any]:
     """See the module docstring. ``n``: items per random-weight model (the offline models
-    take the whole catalog, which their macro-F1 needs); ``include``: any of ``offline``,
-    ``hub``."""
+    take the whole catalog, which their macro-F1 needs; ``limit``: only its first rows);
+    ``include``: any of ``offline``, ``hub``."""
     from evaluation.bench_core import cross_validate
 
     include = include or ["offline", "hub"]
     listings, _ = read_listings(data / CSV_NAME, require_category=True)
+    listings = listings[:limit] if limit else listings
     limits = image_limits(settings)
     photos: list[Listing] = []
     for x in listings:  # decoded once: the batch measure times encoding, not JPEG decoding
@@ -272,7 +273,8 @@ def run_encoders_bench(
         "settings": {"batch_size": settings.batch_size,
                      "threads": settings.torch_threads or "all",
                      "encode_lanes": settings.encode_lanes or "one per thread",
-                     "random_model_items": n, "single_items": singles},
+                     "random_model_items": n, "single_items": singles,
+                     "catalog_listings": len(listings)},
         "machine": {"cpus": len(os.sched_getaffinity(0)), "processor": platform.processor()
                     or platform.machine(), "python": platform.python_version()},
     }

@@ -168,10 +168,16 @@ def export_onnx(module: Any, example: dict[str, Any], dynamic: dict[str, dict[in
 def optimize_transformer(src: Path, dst: Path) -> bool:
     """ORT's transformer fusions (attention, GELU, LayerNorm). False (``dst`` not written)
     when ORT cannot fuse this graph: the plain graph is then used as it is."""
+    import contextlib
+    import sys
+
     from onnxruntime.transformers.optimizer import optimize_model
 
     try:
-        opt = optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0)
+        # the optimizer prints some of its notes to stdout, which is a `--json` command's
+        # output: they go to stderr with its log
+        with contextlib.redirect_stdout(sys.stderr):
+            opt = optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0)
         opt.save_model_to_file(str(dst), use_external_data_format=False)
     except Exception as e:  # noqa: BLE001 - an optimisation, never a requirement
         log.info("ORT transformer fusions skipped for %s: %s", src, e)

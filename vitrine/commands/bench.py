@@ -42,6 +42,7 @@ def register(_sub: argparse._SubParsersAction, bench: argparse._SubParsersAction
                    help="items per random-weight hub model (the offline models take the "
                    "whole catalog)")
     p.add_argument("--single", type=int, default=100, help="items timed one at a time")
+    p.add_argument("--limit", type=int, help="only the catalog's first LIMIT listings")
     p.add_argument("--backends", help="comma-separated subset of onnx,onnx-int8,openvino "
                    "(PyTorch always runs: it is the reference)")
     p.add_argument("--models", help="offline, hub or both (default)")
@@ -85,7 +86,7 @@ def cmd_encoders(args: argparse.Namespace) -> int:
 
     result = run_encoders_bench(
         args.data, settings_from_args(args), n=args.n, singles=args.single,
-        backends=split(args.backends), include=split(args.models),
+        backends=split(args.backends), include=split(args.models), limit=args.limit,
         progress=lambda m: print(m, file=sys.stderr, flush=True),
     )
     return _emit(result, args.out)
