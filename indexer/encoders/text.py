@@ -94,8 +94,17 @@ def _sentence_graph(model: Any, names: Sequence[str], constants: Mapping[str, An
 class BackendTextEncoder:
     """A sentence-transformers model run on ONNX Runtime or OpenVINO (see
     :mod:`indexer.encoders.backends`). Texts are tokenized by the model's own
-    ``preprocess`` (its tokenizer and maximum length), longest first in batches as
-    ``SentenceTransformer.encode`` does, then run through the exported graph."""
+    ``preprocess`` (its tokenizer and maximum length) and run through the exported graph
+    one text per run, whatever the batch size:
+
+    * a text's vector then depends on that text only: int8's activations are quantized with
+      one scale per run, so in a batch a text's vector moved with its batch mates (cosine
+      down to 0.994 between two batchings of the same catalog texts);
+    * and it is faster on the CPU, where padding a batch to its longest text is wasted work
+      (400 catalog texts, MiniLM, one thread: int8 172 texts/s one by one, 156 in fours,
+      139 in eights; fp32 78, 77, 69).
+
+    Ingestion's parallelism comes from its lanes (:meth:`for_lane`), not from batches."""
 
     def __init__(self, spec: str, base: str, backend: str, *, identity: str, export_root: Path,
                  threads: int, batch_size: int = 32) -> None:
@@ -139,12 +148,10 @@ class BackendTextEncoder:
         import torch
 
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        for a in range(0, len(texts), self.batch_size):
-            rows = order[a : a + self.batch_size]
-            features = self._model.preprocess([texts[i] for i in rows])
+        for row, text in enumerate(texts):
+            features = self._model.preprocess([text])
             feed = {k: v.numpy() for k, v in features.items() if isinstance(v, torch.Tensor)}
-            out[rows] = self.runner.run(feed)
+            out[row] = self.runner.run(feed)[0]
         if progress:
             progress(len(texts))
         return l2_normalize(out)

@@ -170,6 +170,6 @@ def test_an_index_records_the_backend(tmp_path, exports):
     v.build(listings[:40])
     v.save(tmp_path / "index")
     assert Vitrine.load(tmp_path / "index", s).manifest()["text_model"].endswith("+onnx-int8")
-    plain = offline_settings(image_model="none")
+    plain = offline_settings(text_model=str(TEXT_MODEL), image_model="none")
     with pytest.raises(IndexMismatch, match="text_model"):
         Vitrine.load(tmp_path / "index", plain)

@@ -106,12 +106,13 @@ def test_out_of_catalog_is_flagged_not_confident(api, title) -> None:  # type: i
     """Products of categories the catalog does not hold (evaluation/data/out_of_catalog.csv)
     are far from every listing of the category they would be voted: uncertain, with the
     reason, from the reference fitted when the seeded index was built and saved in its
-    snapshot. (The 70-listing seed is a loose reference: docs/evaluation.md measures the
-    flagged share on the whole catalog.)"""
+    snapshot, or too weakly voted to be taken. (The 70-listing seed is a loose reference,
+    so either reason may come first: docs/evaluation.md measures the flagged share on the
+    whole catalog.)"""
     client, _ = api
     body = client.post("/classify", json={"title": title}).json()
     assert body["uncertain"] is True, body
-    assert body["uncertain_reason"] == "out_of_catalog", body
+    assert body["uncertain_reason"] in ("out_of_catalog", "low_confidence"), body
 
 
 def test_catalog_listing_status_has_its_path(api) -> None:  # type: ignore[no-untyped-def]
