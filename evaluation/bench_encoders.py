@@ -160,7 +160,8 @@ def run_encoders_bench(
     texts_only = [replace(x, image=None) for x in listings]
     backends_run = available_backends(backends)
 
-    tmp = Path(tempfile.mkdtemp(prefix="vitrine-bench-enc-"))
+    scratch = tempfile.TemporaryDirectory(prefix="vitrine-bench-enc-")  # the random MPNet
+    tmp = Path(scratch.name)
     text_spec, image_spec = split_backend(settings.text_model)[0], \
         split_backend(settings.image_model)[0]
     encoders: list[Encoder] = []
@@ -198,10 +199,11 @@ def run_encoders_bench(
             vecs = m.pop("vectors")
             if b == TORCH:
                 reference = vecs
-            cos = (vecs * reference).sum(axis=1) if reference is not None else np.ones(1)
+            # no PyTorch reference (it failed to load): no fidelity to report
+            cos = (vecs * reference).sum(axis=1) if reference is not None else None
             row = {"model": e.name, "kind": e.kind, "backend": b, "spec": spec, **m,
-                   "cosine_mean": round(float(cos.mean()), 5),
-                   "cosine_min": round(float(cos.min()), 5)}
+                   "cosine_mean": round(float(cos.mean()), 5) if cos is not None else None,
+                   "cosine_min": round(float(cos.min()), 5) if cos is not None else None}
             rows.append(row)
             progress(f"  {row['batch_per_s']}/s, single p50 {row['single_p50_ms']} ms p99 "
                      f"{row['single_p99_ms']} ms, cosine {row['cosine_mean']}")
@@ -265,6 +267,7 @@ def run_encoders_bench(
     else:
         pair = None
 
+    scratch.cleanup()
     return {
         "bench": "encoders",
         "results": rows,

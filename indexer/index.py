@@ -81,6 +81,8 @@ def configure_faiss(threads: int) -> None:
     global _faiss_threads
     _faiss_threads = max(1, threads)
     _apply_faiss_threads()
+    # (a process that never calls this, such as `vitrine index`, keeps OpenMP's default
+    # everywhere: bulk builds use every core)
 
 
 def _apply_faiss_threads() -> None:
@@ -739,6 +741,9 @@ class VectorIndex:
         self._merge_thread.start()
 
     def _merge_in_background(self, view: IndexView) -> None:
+        # a merge (train, add) runs beside the searches of a live process: with the same
+        # OpenMP thread count as they, not one spinning thread per core
+        _apply_faiss_threads()
         merged = None
         try:
             merged = self._build_merged(view)

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # On CPU through the backends `vitrine bench encoders` measured fastest among the faithful
@@ -240,6 +240,17 @@ class Settings(BaseSettings):
     @classmethod
     def _strip(cls, v: str) -> str:
         return v.strip()
+
+    @model_validator(mode="after")
+    def _defaults_on_the_device(self) -> Settings:
+        """The default models carry a CPU backend suffix; on another device (a GPU) a
+        default that was not set explicitly runs in PyTorch there instead."""
+        if self.device != "cpu":
+            for name, default in (("text_model", DEFAULT_TEXT_MODEL),
+                                  ("image_model", DEFAULT_IMAGE_MODEL)):
+                if name not in self.model_fields_set and getattr(self, name) == default:
+                    setattr(self, name, default.rpartition("+")[0])
+        return self
 
 
 @lru_cache

@@ -9,8 +9,8 @@ the model's identity, and run by:
 * ``onnx-int8`` - the same graph with ORT's dynamic quantization: MatMul/Gemm weights int8
   per output channel, activations quantized per batch (the per-channel weights keep a
   sentence embedding within cosine ~0.994 of fp32 where per-tensor ones fall to ~0.95);
-* ``openvino`` - OpenVINO reading the same ONNX file; it runs in the CPU's fastest native
-  precision (bf16 where the CPU has it, fp32 otherwise) and caches its compiled blob.
+* ``openvino`` - OpenVINO reading the same ONNX file, in full precision (f32, see
+  :class:`BackendRunner`); it caches its compiled blob beside the export.
 
 Why not sentence-transformers' own ``backend="onnx"`` / ``"openvino"``: they go through
 Hugging Face Optimum, whose ONNX package (optimum-onnx 0.1) requires transformers < 4.58
@@ -21,8 +21,8 @@ PyTorch runs; ``vitrine bench encoders`` measures the fidelity of every backend.
 
 Threads: a backend encoder's sessions have their thread count fixed when they are made;
 single queries use a session with ``threads`` intra-op threads (latency), and the ingestion
-lanes each run a one-thread session on their own thread (:meth:`BackendRunner.for_lane`),
-so that nothing flips a process-wide thread count per call.
+lanes share a lane runner (:meth:`BackendRunner.for_lane`) whose runs each stay on one
+thread, so that nothing flips a process-wide thread count per call.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 TORCH = "torch"
 BACKENDS = ("onnx", "onnx-int8", "openvino")
-# what each backend needs installed (the `fast` extra of pyproject.toml)
+# what each backend needs installed (dependencies of vitrine: pyproject.toml)
 _NEEDS = {"onnx": ("onnxruntime", "onnx"), "onnx-int8": ("onnxruntime", "onnx"),
           "openvino": ("openvino", "onnx")}
 # bump when the export changes, so that caches made by an older vitrine are not reused
@@ -61,7 +61,7 @@ def split_backend(spec: str) -> tuple[str, str]:
     base, plus, tail = spec.strip().rpartition("+")
     if plus and tail.lower() in BACKENDS:
         return base, tail.lower()
-    if plus and tail.lower() == "int8":
+    if plus and tail.lower() == "int8" and not Path(spec.strip()).expanduser().exists():
         raise ModelSpecError(
             f"{spec!r}: '+int8' (PyTorch's dynamic quantization, torch.ao, deprecated) was "
             f"replaced by '+onnx-int8' (ONNX Runtime): use {base + '+onnx-int8'!r} and "
@@ -82,7 +82,8 @@ def require(backend: str, spec: str) -> None:
     if missing:
         raise ModelSpecError(
             f"{spec!r} runs on the {backend} backend, which needs {', '.join(missing)}: "
-            "install them with `pip install 'vitrine[fast]'` (README, Fast encoders)"
+            f"install them (`pip install {' '.join(missing)}`; they are dependencies of "
+            "vitrine, so reinstalling it does too: README, Fast encoders)"
         )
 
 
@@ -99,14 +100,20 @@ def export_dir_default() -> Path:
 def cache_key(identity: str, backend: str) -> str:
     """What an export depends on: the model (its identity: a hub id or a content digest of
     local files), the backend and the versions of the libraries that write the files."""
-    import torch
+    from importlib.metadata import PackageNotFoundError, version
 
-    versions = {"torch": torch.__version__, "export": EXPORT_VERSION}
-    for mod in ("onnx", "onnxruntime"):
+    # the libraries whose code is traced into the graph, and those that write or rewrite it
+    # (ONNX Runtime optimizes and quantizes ONNX graphs; OpenVINO caches its own blobs)
+    names = ["torch", "torchvision", "transformers", "sentence-transformers", "timm",
+             "open_clip_torch", "onnx"]
+    if backend.startswith("onnx"):
+        names.append("onnxruntime")
+    versions: dict[str, str | int | None] = {"export": EXPORT_VERSION}
+    for name in names:
         try:
-            versions[mod] = __import__(mod).__version__
-        except ImportError:
-            versions[mod] = None
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
     blob = json.dumps({"model": identity, "backend": backend, "versions": versions},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -126,10 +133,13 @@ def cached_export(root: Path, name: str, key: str, build: Callable[[Path], None]
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (final / "DONE").exists():  # made by another process while this one waited
             return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".{slug}-", dir=root))
+        for stale in root.glob(f".{slug}-{key}-*"):  # left by an export that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{slug}-{key}-", dir=root))
         try:
             build(tmp)
             (tmp / "DONE").write_text(name + "\n")
+            tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
             if final.exists():  # a partial folder from an interrupted export
                 shutil.rmtree(final)
             os.rename(tmp, final)
@@ -204,11 +214,20 @@ def quantize_int8(src: Path, dst: Path) -> None:
 class BackendRunner:
     """One exported graph on ONNX Runtime or OpenVINO, with a fixed number of threads.
 
-    ``run(inputs)`` is safe from many threads. :meth:`for_lane` gives the one-thread runner
-    that ingestion lanes share (made on first use: an API process that only answers queries
-    never makes it)."""
+    ``run(inputs)`` is safe from many threads. :meth:`for_lane` gives the runner that the
+    ingestion lanes share, made on first use (an API process that only answers queries
+    never makes it): ONNX Runtime with one intra-op thread, so that each lane's run stays
+    on the lane's own thread; OpenVINO with one stream per core, so that the lanes' infer
+    requests (one per thread) run side by side instead of queueing on a single stream.
 
-    def __init__(self, path: Path, backend: str, threads: int) -> None:
+    OpenVINO runs in full precision (``INFERENCE_PRECISION_HINT`` f32): left to itself it
+    picks bf16 on CPUs that have it (this one does: MobileNetV2's cosine to PyTorch fell to
+    0.995), so the vectors would depend on the machine that computed them, and an index
+    built on one machine would be queried with slightly different vectors on another. Its
+    threads are not pinned to cores: API and worker processes share the machine's cores.
+    """
+
+    def __init__(self, path: Path, backend: str, threads: int, *, lanes: int = 0) -> None:
         self.path, self.backend, self.threads = path, backend, threads
         self._lane: BackendRunner | None = None
         self._lock = threading.Lock()
@@ -219,17 +238,21 @@ class BackendRunner:
             core = ov.Core()
             # the compiled blob is cached beside the export: later loads skip compilation
             core.set_property({"CACHE_DIR": str(path.parent / "openvino-cache")})
-            hint = "LATENCY" if threads > 1 else "THROUGHPUT"
-            self._compiled = core.compile_model(str(path), "CPU", {
-                "PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": threads,
-                "NUM_STREAMS": 1,
-            })
+            config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32",
+                                      "ENABLE_CPU_PINNING": False}
+            if lanes:
+                config.update(PERFORMANCE_HINT="THROUGHPUT", NUM_STREAMS=lanes,
+                              INFERENCE_NUM_THREADS=lanes)
+            else:
+                config.update(PERFORMANCE_HINT="LATENCY", NUM_STREAMS=1,
+                              INFERENCE_NUM_THREADS=threads)
+            self._compiled = core.compile_model(str(path), "CPU", config)
             self.input_names = [p.get_any_name() for p in self._compiled.inputs]
         else:
             import onnxruntime as ort
 
             so = ort.SessionOptions()
-            so.intra_op_num_threads = threads
+            so.intra_op_num_threads = 1 if lanes else threads
             so.inter_op_num_threads = 1
             so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -252,11 +275,10 @@ class BackendRunner:
         return np.asarray(self._session.run(None, feed)[0], dtype=np.float32)
 
     def for_lane(self) -> BackendRunner:
-        if self.threads == 1:
-            return self
         with self._lock:
             if self._lane is None:
-                self._lane = BackendRunner(self.path, self.backend, 1)
+                self._lane = BackendRunner(self.path, self.backend, 1,
+                                           lanes=default_threads(0))
             return self._lane
 
 
@@ -282,7 +304,3 @@ def build_graphs(folder: Path, export: Callable[[Path], None], *, transformer: b
     for f in folder.glob("model*.onnx*"):  # the intermediate graphs
         if f != keep and not f.name.startswith(keep.name):
             f.unlink()
-
-
-def batches(n: int, size: int) -> Sequence[tuple[int, int]]:
-    return [(a, min(n, a + size)) for a in range(0, n, max(1, size))]

@@ -42,20 +42,38 @@ def load_text_encoder(spec: str, *, batch_size: int = 32, device: str = "cpu",
     a backend suffix (``+onnx``, ``+onnx-int8``, ``+openvino``: :mod:`.backends`)."""
     from .backends import TORCH, default_threads, export_dir_default
 
-    if spec.lower() == "tfidf":
+    base, backend = split_backend(spec)
+    if base.lower() == "tfidf":
+        if backend != TORCH:
+            raise ModelSpecError(f"{spec!r}: tfidf has no network to run on a backend")
         from .text import TfidfEncoder
 
         return TfidfEncoder()
     from .text import BackendTextEncoder, SentenceTransformerEncoder
 
-    base, backend = split_backend(spec)
     if backend == TORCH:
         return SentenceTransformerEncoder(spec, device=device, batch_size=batch_size)
     return BackendTextEncoder(
-        spec, base, backend, identity=model_identity("text", base),
+        spec, base, backend, identity=lambda: _revisioned_identity("text", base),
         export_root=export_root or export_dir_default(), threads=default_threads(threads),
-        batch_size=batch_size,
     )
+
+
+def _revisioned_identity(kind: str, base: str) -> str:
+    """:func:`model_identity`, with the revision of a hub model's local snapshot (called once
+    the model is loaded, so it is cached): an export keyed by it is made again when the hub
+    model changes upstream, where the id alone would keep serving the old weights."""
+    identity = model_identity(kind, base)
+    repo = hub_repo(kind, base)
+    if repo is None:
+        return identity
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(repo, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not in the cache under that id: the id alone
+        return identity
+    return f"{identity}@{Path(path).name}"
 
 
 def load_encoder(kind: str, spec: str, *, batch_size: int = 32, device: str = "cpu",
@@ -331,12 +349,20 @@ class ModelRegistry:
             return model
         with self._lock:
             if key not in self._models:
-                configure_torch(self.settings.torch_threads)
+                # with every model on a backend PyTorch only preprocesses photos, small
+                # tensor operations that one thread does best (more would oversubscribe
+                # the cores the backends' lanes already use)
+                configure_torch(self.settings.torch_threads if self._uses_torch() else 1)
                 self._models[key] = load_encoder(
                     kind, spec, batch_size=self.settings.batch_size, device=self.settings.device,
                     export_root=self.settings.export_dir, threads=self.settings.torch_threads,
                 )
             return self._models[key]
+
+    def _uses_torch(self) -> bool:
+        specs = (self.settings.text_model, self.settings.image_model)
+        return any(not is_off(x) and x.strip().lower() != "tfidf"
+                   and split_backend(x)[1] == "torch" for x in specs)
 
     def text(self) -> Any | None:
         spec = self.settings.text_model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +106,8 @@ class BackendTextEncoder:
 
     Ingestion's parallelism comes from its lanes (:meth:`for_lane`), not from batches."""
 
-    def __init__(self, spec: str, base: str, backend: str, *, identity: str, export_root: Path,
-                 threads: int, batch_size: int = 32) -> None:
+    def __init__(self, spec: str, base: str, backend: str, *, identity: Callable[[], str],
+                 export_root: Path, threads: int) -> None:
         from .backends import (
             BackendRunner,
             build_graphs,
@@ -119,8 +119,8 @@ class BackendTextEncoder:
         )
 
         require(backend, spec)
-        st = SentenceTransformerEncoder(base, device="cpu", batch_size=batch_size)
-        self.spec, self.dim, self.batch_size = spec, st.dim, batch_size
+        st = SentenceTransformerEncoder(base, device="cpu")
+        self.spec, self.dim = spec, st.dim
         self._model = st.model  # its tokenizer; the weights run in the exported graph
 
         def export(path: Path) -> None:
@@ -133,7 +133,7 @@ class BackendTextEncoder:
                         {k: {0: "batch", 1: "sequence"} for k in tensors}, path)
 
         folder = cached_export(export_root, f"text-{Path(base).name or base}-{backend}",
-                               cache_key(identity, backend),
+                               cache_key(identity(), backend),
                                lambda d: build_graphs(d, export, transformer=True,
                                                       backend=backend))
         self.runner = BackendRunner(graph_file(folder, backend), backend, threads)

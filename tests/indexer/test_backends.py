@@ -129,8 +129,8 @@ def test_hub_text_architecture_exports(tmp_path, exports):
 
 
 def test_lanes_give_the_serial_vectors(exports):
-    """A batch split over lanes (each on its own one-thread runner) gives each listing the
-    vector the single-query path gives it."""
+    """A batch split over lanes (sharing the lane runner, each run on its lane's thread)
+    gives each listing the vector the single-query path gives it."""
     listings, _ = read_listings(CSV)
     rows = listings[:48]
     s = offline_settings(text_model=f"{TEXT_MODEL}+onnx", image_model=f"{IMAGE_SPEC}+onnx",
