@@ -12,6 +12,9 @@ labelled listing is voted by the others exactly as a new listing would be.
   reference (by construction: about that share of in-catalog listings) is far from
   everything that category holds: ``uncertain`` with reason ``out_of_catalog``. A category
   with too few listings for its own quantile takes the quantile over all categories.
+* **Duplicate threshold**: the ``duplicate_quantile`` (a high one) of the similarity between
+  each labelled listing and its nearest other listing: a new listing at least that close
+  to an indexed one is a near-duplicate candidate (:mod:`indexer.review`).
 
 The leave-one-out votes see a lexical view and centring means fitted with the listing
 itself in the catalog, so they are a little optimistic; listings with no description
@@ -44,15 +47,22 @@ class Calibration:
     thresholds: dict[str, float] = field(default_factory=dict)
     pooled_threshold: float | None = None
     votes: int = 0
+    # None: no duplicate test by similarity (an old snapshot, or switched off)
+    duplicate_threshold: float | None = None
+    duplicate_quantile: float = 0.0
 
     @classmethod
     def fit(cls, raw: Sequence[float], correct: Sequence[bool],
-            nearest: Mapping[str, Sequence[float]], quantile: float) -> Calibration:
+            nearest: Mapping[str, Sequence[float]], quantile: float,
+            closest: Sequence[float] = (), duplicate_quantile: float = 0.0) -> Calibration:
         """``raw``/``correct``: the leave-one-out votes' shares and whether each was right;
-        ``nearest``: by category, the listings' nearest same-category similarities."""
+        ``nearest``: by category, the listings' nearest same-category similarities;
+        ``closest``: each listing's similarity to its nearest other listing."""
         from sklearn.isotonic import IsotonicRegression
 
-        out = cls(quantile=quantile, votes=len(raw))
+        out = cls(quantile=quantile, votes=len(raw), duplicate_quantile=duplicate_quantile)
+        if duplicate_quantile > 0 and len(closest) >= MIN_VOTES:
+            out.duplicate_threshold = float(np.quantile(closest, duplicate_quantile))
         if len(raw) >= MIN_VOTES:
             iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip")
             iso.fit(np.asarray(raw, float), np.asarray(correct, float))
@@ -82,7 +92,9 @@ class Calibration:
     # --- as data in a snapshot (calibration.json / calibration.npz) -----------------------
     def to_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         meta = {"quantile": self.quantile, "thresholds": self.thresholds,
-                "pooled_threshold": self.pooled_threshold, "votes": self.votes}
+                "pooled_threshold": self.pooled_threshold, "votes": self.votes,
+                "duplicate_threshold": self.duplicate_threshold,
+                "duplicate_quantile": self.duplicate_quantile}
         return meta, {"x": self.x.astype(np.float64), "y": self.y.astype(np.float64)}
 
     @classmethod
@@ -97,9 +109,12 @@ class Calibration:
         if not isinstance(thresholds, Mapping):
             raise TypeError("calibration thresholds are not an object")
         pooled = meta.get("pooled_threshold")
+        dup = meta.get("duplicate_threshold")  # absent from snapshots written before it
         return cls(x, y, float(meta["quantile"]),
                    {str(k): float(v) for k, v in thresholds.items()},
-                   None if pooled is None else float(pooled), int(meta.get("votes", 0)))
+                   None if pooled is None else float(pooled), int(meta.get("votes", 0)),
+                   None if dup is None else float(dup),
+                   float(meta.get("duplicate_quantile", 0.0)))
 
 
 def reliability(confidence: ArrayLike, correct: ArrayLike, bins: int = 10

@@ -45,6 +45,16 @@ class NotFound(VitrineError):
     """An unknown listing id."""
 
 
+class VersionConflict(VitrineError):
+    """A conditional write whose expected version is no longer the listing's latest (HTTP
+    409): someone else changed it since it was read. ``current`` is the latest version now
+    (None when the listing cannot take the write at all: queued, deleted)."""
+
+    def __init__(self, message: str, current: int | None = None) -> None:
+        super().__init__(message)
+        self.current = current
+
+
 def public_reason(e: BaseException) -> str:
     """What an error may say outside the process (``/health``): its kind, and for an OS error
     the system's reason ("No space left on device"); never its message, which can carry

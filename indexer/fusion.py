@@ -88,13 +88,36 @@ class Fusion:
             out[mask, sl] = l2_normalize(x) * b.weight
         return out
 
-    def query_norm(self, fused: np.ndarray) -> np.ndarray:
-        """``sum w_m^2`` over the blocks present in each fused row (0 for an empty row)."""
+    def query_norm(self, fused: np.ndarray,
+                   factors: Mapping[str, float] | None = None) -> np.ndarray:
+        """``sum f_m w_m^2`` over the blocks present in each fused row (0 for an empty row);
+        ``f_m``: the query's :meth:`reweight` factors (1 when not given)."""
         total = np.zeros(len(fused), dtype=np.float32)
         for b, sl in zip(self.blocks, self.slices().values(), strict=True):
             has = np.abs(fused[:, sl]).sum(axis=1) > 0
-            total += has * (b.weight**2)
+            total += has * (b.weight**2) * (factors or {}).get(b.name, 1.0)
         return total
+
+    def reweight(self, fused: np.ndarray, factors: Mapping[str, float]) -> np.ndarray:
+        """A query's fused rows with block ``m`` scaled by ``factors[m]`` (default 1): its
+        inner product with an indexed vector is then ``sum f_m w_m^2 cos_m``, and divided by
+        :meth:`query_norm` with the same factors, a score is the mean cosine weighted by
+        ``f_m w_m^2``: a per-query say in how much each modality counts."""
+        out = np.array(fused, dtype=np.float32, copy=True)
+        for b, sl in zip(self.blocks, self.slices().values(), strict=True):
+            out[..., sl] *= factors.get(b.name, 1.0)
+        return out
+
+    def centroid(self, fused: np.ndarray) -> np.ndarray:
+        """One fused row for several (``(n, dim)``): per block, the mean of the rows that
+        have it, re-normalised and weighted like any fused block ("more like these")."""
+        out = np.zeros((1, self.dim), dtype=np.float32)
+        for b, sl in zip(self.blocks, self.slices().values(), strict=True):
+            x = fused[:, sl]
+            x = x[np.abs(x).sum(axis=1) > 0]
+            if len(x):
+                out[:, sl] = l2_normalize(x.mean(axis=0, keepdims=True)) * b.weight
+        return out
 
     def split(self, fused: np.ndarray) -> dict[str, np.ndarray]:
         """Fused rows back to unit-norm (or zero) block vectors."""

@@ -7,8 +7,9 @@ nothing else turns an accepted listing into an index entry. One round:
    an event past ``max_attempts`` ends ``failed`` there, with the reason: a dead letter);
 2. **decide** (:func:`decide`): photos (from the store, or the seller's URL), validation,
    one embedding batch, fusion, a vote among the labelled neighbours of the replica's
-   current state -> one :class:`~indexer.state.Outcome` per event, with an upsert log entry
-   when the listing is indexed;
+   current state, the review reasons and near-duplicates (:mod:`indexer.review`) -> one
+   :class:`~indexer.state.Outcome` per event, with an upsert log entry when the listing is
+   indexed;
 3. **commit** the outcomes conditionally: an outcome whose version is no longer the
    listing's latest (a re-post or a delete came in meanwhile) changes nothing.
 
@@ -35,6 +36,14 @@ from .catalog import make_listing
 from .errors import ImageError, VitrineError
 from .images import image_limits
 from .pipeline import Vitrine
+from .review import (
+    ThumbTags,
+    category_key,
+    evidence,
+    find_duplicates,
+    known_categories,
+    review_reasons,
+)
 from .settings import Settings
 from .state import Event, Outcome, StateStore, StoreUnavailable
 from .thumbs import etag, make_thumbnail
@@ -53,8 +62,11 @@ class Round:
 
 
 def decide(vitrine: Vitrine, events: Sequence[Event], photos: Sequence[bytes | None],
-           warnings: Sequence[str | None], batch: str) -> list[Outcome]:
-    """Outcomes of ``events`` against ``vitrine``'s current state (no store, no I/O)."""
+           warnings: Sequence[str | None], batch: str, *,
+           tags: ThumbTags | None = None) -> list[Outcome]:
+    """Outcomes of ``events`` against ``vitrine``'s current state (no store, no I/O but
+    ``tags``: the thumbnail hashes of indexed listings, for the same-photo duplicate test;
+    without it only the similarity test runs)."""
     out: list[Outcome | None] = [None] * len(events)
     rows: list[tuple[int, Any]] = []
     for i, (e, photo) in enumerate(zip(events, photos, strict=True)):
@@ -69,6 +81,7 @@ def decide(vitrine: Vitrine, events: Sequence[Event], photos: Sequence[bytes | N
     if rows:
         limits = image_limits(vitrine.settings)
         state = vitrine.state()  # one view for the embedding (lexical), fusion and votes
+        known = known_categories(state.view)  # the taxonomy's first levels
         emb = vitrine.embed([x for _, x in rows], state=state)
         fused = vitrine.fuse(emb, state=state)
         for j, (i, listing) in enumerate(rows):
@@ -77,11 +90,24 @@ def decide(vitrine: Vitrine, events: Sequence[Event], photos: Sequence[bytes | N
                 out[i] = failed(e, emb.problems[j])
                 continue
             vote = vitrine.vote_vector(fused[j], exclude=listing.id, state=state)
-            category = listing.category or vote.category
-            source = "seller" if listing.category else "predicted"
+            seller = listing.category
+            # a known category in the taxonomy's spelling ("watches" is "Watches"); an
+            # unknown one does not vote until an operator accepts it (indexer.review); an
+            # index with no label at all has no taxonomy to hold it to yet
+            unknown = False
+            if seller is not None and known:
+                unknown = category_key(seller) not in known
+                seller = known.get(category_key(seller), seller)
+            category = seller or vote.category
+            source = ("predicted" if seller is None else
+                      "unconfirmed" if unknown else "seller")
             # the predicted path under the listing's category; a seller's category the vote
             # disagrees with has no known levels below it
             path = vote.category_path if category == vote.category else [category]
+            # a second, small decode of the photo (JPEG: at 1/8 scale), off the request path
+            jpeg = make_thumbnail(photos[i], limits)
+            tag = etag(jpeg) if jpeg is not None else None
+            duplicates = find_duplicates(vitrine, fused[j], listing.id, state, tag, tags)
             status: dict[str, Any] = {
                 "status": "indexed", "version": e.version, "category": category,
                 "confidence": vote.confidence, "uncertain": vote.uncertain, "source": source,
@@ -92,6 +118,15 @@ def decide(vitrine: Vitrine, events: Sequence[Event], photos: Sequence[bytes | N
             }
             if vote.uncertain_reason:
                 status["uncertain_reason"] = vote.uncertain_reason
+            if duplicates:
+                status["duplicates"] = duplicates
+            reasons = review_reasons(seller, unknown, vote, duplicates)
+            if reasons:
+                # what the operator needs to decide, kept with the status it is about
+                status["review"] = reasons
+                status["evidence"] = {"neighbours": evidence(vote),
+                                      "predicted_path": vote.category_path,
+                                      "predicted_confidence": vote.confidence}
             warning = warnings[i] or emb.problems.get(j)
             if warning:
                 status["warning"] = warning
@@ -99,13 +134,11 @@ def decide(vitrine: Vitrine, events: Sequence[Event], photos: Sequence[bytes | N
                 "op": "upsert", "id": listing.id, "version": e.version, "vec": fused[j],
                 # only the seller's label votes: a predicted path is not fed back as one
                 "meta": {"title": listing.title, "category": category, "source": source,
-                         "category_path": [listing.category] if listing.category else []},
+                         "category_path": [seller] if seller else []},
                 "confidence": vote.confidence, "uncertain": vote.uncertain,
             }
-            # a second, small decode of the photo (JPEG: at 1/8 scale), off the request path
-            jpeg = make_thumbnail(photos[i], limits)
             out[i] = Outcome(e.id, e.version, status, entry,
-                             (etag(jpeg), jpeg) if jpeg is not None else None)
+                             (tag, jpeg) if tag is not None and jpeg is not None else None)
     assert all(o is not None for o in out)
     return [o for o in out if o is not None]
 
@@ -200,7 +233,8 @@ class Ingestor:
                 elif got is not None:
                     warnings[i] = f"photo not used: {got}"
             photos.append(photo)
-        return decide(self._vitrine(), events, photos, warnings, batch)
+        return decide(self._vitrine(), events, photos, warnings, batch,
+                      tags=self.store.thumbnail_tags)
 
     def _fetch_all(self, urls: list[str]) -> dict[str, bytes | ImageError]:
         """Fetch photo URLs several at a time: the wait is network I/O, not CPU."""

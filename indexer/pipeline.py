@@ -69,14 +69,16 @@ class ListingMeta:
 
     title: str
     category: str | None = None
-    source: str = "seller"  # "seller" / "catalog": a label that votes; "predicted": does not
+    # "seller" / "catalog" / "confirmed" (by an operator): a label that votes; "predicted"
+    # and "unconfirmed" (a seller's category not in the taxonomy, indexer.review): do not
+    source: str = "seller"
     # the labelled category levels (catalog.taxonomy_path), first level first; a seller's
     # one-level label is [category]: deeper levels are unknown and do not vote
     category_path: list[str] = field(default_factory=list)
 
     @property
     def labelled(self) -> bool:
-        return self.category is not None and self.source != "predicted"
+        return self.category is not None and self.source not in ("predicted", "unconfirmed")
 
     @classmethod
     def of(cls, listing: Listing) -> ListingMeta:
@@ -507,11 +509,14 @@ class Vitrine:
         raw: list[float] = []
         correct: list[bool] = []
         nearest: dict[str, list[float]] = {}
+        closest: list[float] = []
         for lid, vec, payload in zip(ids, fused, payloads, strict=True):
             own = payload.get("category")
             if own is None or not ListingMeta.from_payload(payload).labelled:
                 continue
             pool, shares = self._pool_shares(vec, lid, st)
+            if pool:  # best first: its nearest other labelled listing
+                closest.append(pool[0].score)
             category, share, _, _ = vote_shares(shares, [n.category or "" for n in pool])
             if category is None:
                 continue
@@ -520,7 +525,8 @@ class Vitrine:
             same = [n.score for n in pool if n.category == own]
             if same:
                 nearest.setdefault(own, []).append(max(same))
-        return Calibration.fit(raw, correct, nearest, self.settings.ooc_quantile)
+        return Calibration.fit(raw, correct, nearest, self.settings.ooc_quantile, closest,
+                               self.settings.duplicate_quantile)
 
     def create_empty(self) -> None:
         """An empty index with the configured encoders and no fitted lexical view."""
@@ -599,20 +605,27 @@ class Vitrine:
         exclude: str | None = None,
         labelled_only: bool = False,
         state: State | None = None,
+        factors: Mapping[str, float] | None = None,
+        exclude_ids: Iterable[str] = (),
     ) -> list[Neighbour]:
         """Nearest listings to one fused vector; scores are weighted mean cosines.
 
         The filters run inside the index search (bounded work however few listings pass).
+        ``factors``: per-block weights of this query (:meth:`Fusion.reweight`);
+        ``exclude_ids``: more listings to leave out than ``exclude``.
         """
         st = state or self.state()
         q = fused.reshape(1, -1)
-        norm = float(st.fusion.query_norm(q)[0]) or 1.0
-        want = k + (1 if exclude else 0)
+        norm = float(st.fusion.query_norm(q, factors)[0]) or 1.0
+        if factors:
+            q = st.fusion.reweight(q, factors)
+        skip = set(exclude_ids) | ({exclude} if exclude else set())
+        want = k + len(skip)
         hits = st.view.search(q, want, category=category, labelled_only=labelled_only)[0]
         return [
             Neighbour(lid, s / norm, p.get("category"), p.get("title", ""),
                       tuple(p.get("category_path") or ()))
-            for lid, s, p in hits if lid != exclude
+            for lid, s, p in hits if lid not in skip
         ][:k]
 
     def search(
@@ -623,12 +636,31 @@ class Vitrine:
         listing_id: str | None = None,
         k: int = 10,
         category: str | None = None,
+        listing_ids: Sequence[str] = (),
+        weights: Mapping[str, float] | None = None,
     ) -> list[Neighbour]:
+        """``listing_ids``: "more like these" (their per-block centroid, themselves left
+        out); ``weights``: how much this query counts each modality, ``text`` (the text and
+        lexical blocks) and ``image``, relative to the index's weights (default 1 each)."""
         if not 1 <= k <= 1000:
             raise InvalidInput("k must be between 1 and 1000")
         st = self.state()
-        fused = self.query_vector(text, image, listing_id, state=st)
-        return self.search_vector(fused[0], k, category=category, exclude=listing_id, state=st)
+        if listing_ids:
+            missing = [x for x in listing_ids if x not in st.view]
+            if missing:
+                raise NotFound(f"unknown listing {missing[0]!r}")
+            fused = st.fusion.centroid(st.view.get(list(listing_ids)))
+        else:
+            fused = self.query_vector(text, image, listing_id, state=st)
+        factors = None
+        if weights:
+            factors = {b.name: float(weights.get("image" if b.name == "image" else "text", 1.0))
+                       for b in st.fusion.blocks}
+            if not st.fusion.query_norm(fused, factors)[0] > 0:
+                raise InvalidInput("the modality weights leave nothing of this query: give a "
+                                   "positive weight to a modality it has")
+        return self.search_vector(fused[0], k, category=category, exclude=listing_id,
+                                  state=st, factors=factors, exclude_ids=listing_ids)
 
     def _pool_shares(self, fused: np.ndarray, exclude: str | None, st: State
                      ) -> tuple[list[Neighbour], np.ndarray]:
@@ -849,7 +881,8 @@ def _same_model_spec(key: str, recorded: object, configured: str | None) -> bool
 
 # Distributions whose versions shape the vectors; recorded in every manifest.
 LIBRARIES = ("scikit-learn", "numpy", "scipy", "faiss", "torch", "torchvision",
-             "sentence-transformers", "transformers", "timm", "open_clip_torch", "pillow")
+             "sentence-transformers", "transformers", "timm", "open_clip_torch", "pillow",
+             "onnx", "onnxruntime", "openvino")
 
 
 @cache

@@ -119,6 +119,16 @@ class Replica:
                                 ListingMeta(m["title"], m.get("category"),
                                             m.get("source", "seller"),
                                             list(m.get("category_path", []))))
+            elif op == "label":
+                # an operator's category: the same vector, the payload's label replaced
+                # (the one this replica holds at the version before, like every replica)
+                got = self._labelled(lid, e["label"], upserts)
+                if got is None:
+                    log.error("log entry %d relabels %r, which this index does not hold: "
+                              "skipped", pos, lid)
+                    continue
+                deletes.discard(lid)
+                upserts[lid] = got
             elif op == "delete":
                 upserts.pop(lid, None)
                 deletes.add(lid)
@@ -127,6 +137,25 @@ class Replica:
         with self._cond:
             self.applied += applied
             self._since_snapshot += applied
+
+    def _labelled(self, lid: str, label: dict[str, Any],
+                  upserts: dict[str, tuple[str, np.ndarray, ListingMeta]]
+                  ) -> tuple[str, np.ndarray, ListingMeta] | None:
+        """``lid`` with ``label`` (category, category_path, source) as its metadata: its vector
+        and title from this batch's upserts, else from the index (None: not held)."""
+        if lid in upserts:
+            _, vec, meta = upserts[lid]
+        else:
+            st = self.v.state()
+            try:
+                vec = st.view.get([lid])[0]
+            except KeyError:
+                return None
+            meta = st.meta(lid) or ListingMeta("")
+        path = [str(c) for c in label.get("category_path") or []]
+        return lid, vec, ListingMeta(meta.title, label.get("category") or (path[0] if path
+                                                                           else None),
+                                     str(label.get("source", "confirmed")), path)
 
     def _publish(self, upserts: dict[str, tuple[str, np.ndarray, ListingMeta]],
                  deletes: set[str], changed: dict[str, int], pos: int) -> None:

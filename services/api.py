@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
@@ -58,15 +59,18 @@ from indexer.errors import (
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    VersionConflict,
     VitrineError,
 )
 from indexer.filters import category_filter
 from indexer.index import IndexView
 from indexer.knn import Neighbour, PathStop, UncertainReason
 from indexer.remote import MAX_URL_LENGTH, check_url, url_policy
+from indexer.review import taxonomy
 from indexer.runtime import BACKLOG_RETRY_AFTER, Runtime
 from indexer.settings import Settings
 from indexer.state import StoreUnavailable
+from indexer.state.model import REVIEW_REASONS
 from indexer.thumbs import THUMB_TYPE
 
 from .bodies import (
@@ -78,6 +82,7 @@ from .bodies import (
     decode_photo,
     validate_photo,
 )
+from .web import mount_pages, render, wants_html
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -86,6 +91,7 @@ ListingId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=
                                  description="Letters, digits and . _ : - ; starts with a "
                                  "letter or digit")]
 MAX_QUERY_TEXT = 10_000
+MAX_MORE_LIKE = 50  # listing_ids of one "more like these" search
 
 
 # --- schemas ------------------------------------------------------------------------------
@@ -119,6 +125,27 @@ class Accepted(BaseModel):
     status_url: str
 
 
+Source = Literal["seller", "predicted", "confirmed", "unconfirmed"]
+SOURCES = set(Source.__args__)  # type: ignore[attr-defined]
+ReviewReason = Literal["mislabel", "uncertain", "unknown_category", "duplicate"]
+assert set(REVIEW_REASONS) == set(ReviewReason.__args__)  # type: ignore[attr-defined]
+MAX_LEVELS = 12
+
+
+class Duplicate(BaseModel):
+    id: str
+    score: float = Field(description="Fused similarity to it")
+    same_photo: bool = Field(description="Its thumbnail is the same image")
+
+
+class Correction(BaseModel):
+    by: str = Field(description="The `reviewer` the write named (`operator` when none)")
+    at: str = Field(description="When (UTC, ISO 8601)")
+    category_path: list[str] = Field(description="The path it set")
+    previous: dict[str, Any] = Field(description="`category`, `category_path` and `source` "
+                                     "before it")
+
+
 class ListingStatus(BaseModel):
     id: str
     status: Literal["queued", "indexed", "failed"]
@@ -135,9 +162,21 @@ class ListingStatus(BaseModel):
     confidence: float | None = None
     uncertain: bool | None = None
     uncertain_reason: UncertainReason | None = None
-    source: Literal["seller", "predicted"] | None = None
+    source: Source | None = Field(None, description=(
+        "Where `category` comes from: `seller` (a label in the taxonomy: it votes), "
+        "`unconfirmed` (a seller's category not in the taxonomy: it does not vote until an "
+        "operator accepts it), `confirmed` (set or accepted by an operator: it votes), "
+        "`predicted` (the vote's)"))
     error: str | None = None
     warning: str | None = None
+    duplicates: list[Duplicate] | None = Field(None, description=(
+        "Indexed listings near-identical to this one when it was indexed (same photo, or "
+        "fused similarity over the catalog's duplicate threshold), closest first"))
+    review: list[ReviewReason] | None = Field(None, description=(
+        "Why it waits in the review queue (GET /review); absent once an operator set its "
+        "category"))
+    corrections: list[Correction] | None = Field(None, description=(
+        "Operators' category writes, oldest first (PUT /listings/{id}/category)"))
 
 
 class Deleted(BaseModel):
@@ -164,6 +203,16 @@ class SearchIn(_In):
         "checked on the 1000 nearest listings at most"))
     min_score: float | None = Field(None, ge=-1, le=1, description="Only results scoring "
                                     "at least this (fewer than `k` then)")
+    listing_ids: list[ListingId] | None = Field(None, min_length=1, max_length=MAX_MORE_LIKE,
+                                                description="More like these indexed "
+                                                "listings (all of them at once; they are "
+                                                "left out of the results)")
+    text_weight: float | None = Field(None, ge=0, le=10, description=(
+        "How much the words count in this query, relative to the index's weight (1: as "
+        "configured, 0: not at all); with `image_weight`, a query by text and photo "
+        "leans on either"))
+    image_weight: float | None = Field(None, ge=0, le=10, description="How much the photo "
+                                       "counts in this query (see `text_weight`)")
 
 
 class Hit(BaseModel):
@@ -180,6 +229,81 @@ class Hit(BaseModel):
 
 class SearchOut(BaseModel):
     results: list[Hit]
+
+
+class CategoryIn(_In):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"category_path": ["Watches", "Wrist Watches"], "version": 12, "reviewer": "ana"},
+    ]})
+
+    category_path: list[Annotated[str, Field(min_length=1, max_length=MAX_TITLE_CHARS)]] = \
+        Field(min_length=1, max_length=MAX_LEVELS, description="The category path, first "
+              "level first: the listing's current one confirms it, another corrects it")
+    version: int = Field(ge=0, description="The listing's `version` as the operator saw it "
+                         "(its status, or its review entry): the write is refused with 409 "
+                         "if the listing changed since")
+    reviewer: str | None = Field(None, min_length=1, max_length=100,
+                                 description="Who decides, recorded with the correction")
+
+
+class ReviewItem(BaseModel):
+    id: str
+    version: int = Field(description="Send it back with PUT /listings/{id}/category")
+    title: str | None
+    photo_url: str | None
+    category: str | None = Field(description="The listing's category now (the seller's "
+                                 "when it gave one)")
+    category_path: list[str]
+    source: Source | None
+    predicted_path: list[str] = Field(description="The path the neighbours vote for")
+    confidence: float | None = Field(description="The vote's calibrated confidence")
+    uncertain_reason: UncertainReason | None = None
+    reasons: list[ReviewReason]
+    neighbours: list[Hit] = Field(description="The labelled neighbours behind the vote")
+    duplicates: list[Hit] = Field(description="Near-identical indexed listings (score: "
+                                  "fused similarity)")
+    same_photo: list[str] = Field(description="Those of `duplicates` with the same photo")
+
+
+class ReviewPage(BaseModel):
+    total: int = Field(description="Entries in the queue (under `reason`, when given)")
+    offset: int
+    limit: int
+    items: list[ReviewItem]
+
+
+class CategoryCount(BaseModel):
+    path: list[str]
+    count: int = Field(description="Labelled listings under this path")
+
+
+class CategoriesOut(BaseModel):
+    categories: list[CategoryCount] = Field(description="The taxonomy: every path the "
+                                            "labelled listings have, and each of its "
+                                            "prefixes, in path order")
+    unconfirmed: dict[str, int] = Field(description="Sellers' categories not in the "
+                                        "taxonomy, waiting for an operator, with their "
+                                        "listings")
+
+
+class ListingRow(BaseModel):
+    id: str
+    status: Literal["queued", "indexed", "failed"]
+    version: int
+    title: str | None = None
+    category: str | None = None
+    category_path: list[str] = Field(default_factory=list)
+    source: Source | None = None
+    confidence: float | None = None
+    uncertain: bool | None = None
+    error: str | None = None
+
+
+class ListingsPage(BaseModel):
+    total: int = Field(description="Listings that pass the filters")
+    offset: int
+    limit: int
+    items: list[ListingRow]
 
 
 class ClassifyIn(_In):
@@ -240,12 +364,17 @@ class Stats(BaseModel):
     pending: int | None = Field(description="Queue depth: accepted listings not indexed "
                                 "yet (null when the state store is unavailable)")
     lag: int | None = Field(description="Log entries not applied here yet")
+    review: int | None = Field(None, description="Listings waiting in the review queue "
+                               "(GET /review; null when the state store is unavailable)")
     mode: Literal["embedded", "redis"]
 
 
 LISTING_BODY = body(ListingIn, lambda s: s.max_request_bytes)
 SEARCH_BODY = body(SearchIn, lambda s: s.max_query_bytes)
 CLASSIFY_BODY = body(ClassifyIn, lambda s: s.max_query_bytes)
+CATEGORY_BODY = body(CategoryIn, lambda s: s.max_query_bytes, json_only=True,
+                     max_values=MAX_LEVELS * (MAX_TITLE_CHARS + 2) + 8)
+MAX_CORRECTIONS = 20  # kept per listing, the latest
 
 # Every error answers a Problem; the schema says which, per route, and why.
 _WHY = {
@@ -260,10 +389,11 @@ _WHY = {
 }
 
 
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+def _errors(*codes: int, why: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
+    """The Problem responses of a route; ``why`` says what a code means on this route."""
     out: dict[int | str, dict[str, Any]] = {}
     for c in codes:
-        out[c] = {"model": Problem, "description": _WHY[c]}
+        out[c] = {"model": Problem, "description": (why or {}).get(c, _WHY[c])}
         if c == 503:
             out[c]["headers"] = {"Retry-After": {"description": "Seconds to wait",
                                                  "schema": {"type": "integer"}}}
@@ -280,6 +410,8 @@ class Metrics:
         self.pending = Gauge("vitrine_pending_events", "Accepted listings not indexed yet",
                              registry=r)
         self.lag = Gauge("vitrine_replica_lag", "Log entries not applied here yet", registry=r)
+        self.review = Gauge("vitrine_review_queue", "Listings waiting for an operator",
+                            registry=r)
         self.search_latency = Histogram(
             "vitrine_search_seconds", "POST /search latency", registry=r,
             buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
@@ -308,11 +440,12 @@ class Metrics:
 
     def collect(self, rt: Runtime) -> Stats:
         """The numbers, read once, set on the gauges too: /metrics and /stats agree."""
-        pending = lag = None
+        pending = lag = review = None
         by_status: dict[str, int] = {}
         try:
             pending, lag = rt.store.pending_count(), rt.replica.lag()
             by_status = self.status_counts(rt)
+            review = rt.store.review_queue(None, 0, 0)[0]  # a count (an index, a ZCARD)
         except StoreUnavailable:  # the gauges keep their last value
             pass
         v = rt.replica.v
@@ -322,13 +455,16 @@ class Metrics:
             self.pending.set(pending)
         if lag is not None:
             self.lag.set(lag)
+        if review is not None:
+            self.review.set(review)
         self.index_size.set(len(v))
         for c, n in by_category.items():
             self.by_category.labels(c).set(n)
         for st, n in by_status.items():
             self.by_status.labels(st).set(n)
         return Stats(index_size=len(v), by_category=by_category, by_status=by_status,
-                     pending=pending, lag=lag, mode=rt.mode)  # type: ignore[arg-type]
+                     pending=pending, lag=lag, review=review,
+                     mode=rt.mode)  # type: ignore[arg-type]
 
 
 STATUS_COUNT_TTL = 5.0
@@ -372,6 +508,14 @@ async def read_access(request: Request,
         raise HTTPException(401, "missing or wrong X-API-Key")
 
 
+async def page_or_read_access(request: Request,
+                              key: Annotated[str | None, Security(_key_header)] = None) -> None:
+    """``read_access``, but a browser navigating to a page URL gets the page without a key
+    (the page asks for it, and its script sends it with the JSON reads)."""
+    if not wants_html(request):
+        await read_access(request, key)
+
+
 # async: FastAPI would run a sync dependency in its thread pool, a thread hop per request
 async def get_rt(request: Request) -> Runtime:
     return request.app.state.runtime  # type: ignore[no-any-return]
@@ -390,7 +534,7 @@ def _status_code(exc: VitrineError) -> int:
         return 415
     if isinstance(exc, StoreUnavailable | Overloaded):
         return 503
-    if isinstance(exc, IndexMismatch):
+    if isinstance(exc, IndexMismatch | VersionConflict):
         return 409
     return 422
 
@@ -453,9 +597,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 
     app.state.settings = settings
     app.state.metrics = metrics = Metrics()
+    taxonomy_cache: dict[str, tuple[IndexView, CategoriesOut]] = {}
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
-                           allow_methods=["GET", "POST", "DELETE"],
+                           allow_methods=["GET", "POST", "PUT", "DELETE"],
                            allow_headers=["Content-Type", "X-API-Key"])
 
     @app.exception_handler(VitrineError)
@@ -526,6 +671,64 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         url = request.url_for("get_listing", listing_id=listing.id)
         return Accepted(id=listing.id, version=version, status_url=str(url))
 
+    @app.get("/listings", response_model=ListingsPage, operation_id="list_listings",
+             summary="The listings, paged and filtered (what `vitrine export` reads)",
+             dependencies=[Depends(read_access)], responses=_errors(401, 409, 422, 503))
+    def list_listings(
+        rt: RuntimeDep,
+        status: Annotated[Literal["indexed", "queued", "failed"], Query(description=(
+            "`indexed`: the searchable listings (the seeded catalog's included), in the "
+            "order they were written; `queued`, `failed`: posted listings in that state, "
+            "oldest first"))] = "indexed",
+        category: Annotated[str | None, Query(max_length=MAX_TITLE_CHARS, description=(
+            "Only under this category, any level of the path, any case (as in /search); "
+            "indexed listings only"))] = None,
+        source: Annotated[Source | None, Query(description="Only with this `source`; "
+                                               "indexed listings only")] = None,
+        offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> ListingsPage:
+        if status != "indexed":
+            if category or source:
+                raise InvalidInput("category and source filter indexed listings only")
+            total, ids = rt.store.status_ids(status, offset, limit)
+            rows = [ListingRow(id=lid, status=st["status"], version=st["version"],
+                               error=st.get("error"))
+                    for lid, st in zip(ids, rt.store.statuses(ids), strict=True)
+                    if st is not None and st["status"] == status]
+            return ListingsPage(total=total, offset=offset, limit=limit, items=rows)
+        view = rt.replica.v.state().view
+        cf = category_filter(category, view.categories) if category else None
+        if cf is not None and cf.impossible:
+            return ListingsPage(total=0, offset=offset, limit=limit, items=[])
+        payloads = [(lid, view.payload(lid)) for lid in view.ids()]
+        if source:
+            payloads = [(lid, p) for lid, p in payloads if p.get("source", "seller") == source]
+        # a predicted listing's path is in its status (one read for all of them)
+        predicted = [lid for lid, p in payloads if not p.get("category_path")]
+        paths = {lid: list((st or {}).get("category_path") or [])
+                 for lid, st in zip(predicted, rt.store.statuses(predicted), strict=True)}
+        for lid, p in payloads:
+            paths[lid] = list(p.get("category_path") or paths.get(lid) or
+                              ([p["category"]] if p.get("category") else []))
+        if cf is not None:
+            payloads = [(lid, p) for lid, p in payloads if cf.matches(paths[lid])]
+        page = payloads[offset: offset + limit]
+        statuses = rt.store.statuses([lid for lid, _ in page])
+        items = []
+        for (lid, p), st in zip(page, statuses, strict=True):
+            st = st if st is not None and st.get("status") == "indexed" else None
+            labelled = p.get("category") is not None and \
+                p.get("source") not in ("predicted", "unconfirmed")
+            items.append(ListingRow(
+                id=lid, status="indexed",
+                version=rt.replica.versions.get(lid, st["version"] if st else 0),
+                title=p.get("title"), category=p.get("category"), category_path=paths[lid],
+                source=p.get("source", "seller"),
+                confidence=st.get("confidence") if st else (1.0 if labelled else None),
+                uncertain=st.get("uncertain") if st else (False if labelled else None)))
+        return ListingsPage(total=len(payloads), offset=offset, limit=limit, items=items)
+
     @app.get("/listings/{listing_id}", response_model=ListingStatus, name="get_listing",
              operation_id="get_listing", response_model_exclude_none=True,
              dependencies=[Depends(read_access)], responses=_errors(401, 404, 422, 503))
@@ -537,25 +740,16 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             if st["status"] == "indexed":
                 # committed to the log: wait (briefly) until this process can search it too
                 rt.replica.wait_version(listing_id, st["version"], timeout=2)
-            fields = {k: st.get(k) for k in ListingStatus.model_fields if k in st}
-            if st["status"] == "indexed" and "title" not in fields:  # indexed before titles
-                meta = rt.replica.v.state().meta(listing_id)
-                fields["title"] = meta.title if meta is not None else None
-            out = ListingStatus(id=listing_id, **fields)
-        else:
-            meta = rt.replica.v.state().meta(listing_id)  # a listing of the seeded catalog
-            if meta is None:
-                raise NotFound(f"unknown listing {listing_id!r}")
-            out = ListingStatus(
-                id=listing_id, status="indexed", category=meta.category, title=meta.title,
-                category_path=meta.category_path or None,
-                confidence=1.0 if meta.labelled else None,
-                uncertain=False if meta.labelled else None,
-                source="predicted" if meta.source == "predicted" else "seller",
-            )
-        [tag] = rt.store.thumbnail_tags([listing_id])
-        out.photo_url = _photo_url(request, listing_id, tag)
-        return out
+            return _status_out(request, rt, listing_id, st)
+        meta = rt.replica.v.state().meta(listing_id)  # a listing of the seeded catalog
+        if meta is None:
+            raise NotFound(f"unknown listing {listing_id!r}")
+        return _status_out(request, rt, listing_id, {
+            "status": "indexed", "version": 0, "category": meta.category, "title": meta.title,
+            "category_path": meta.category_path or None,
+            "confidence": 1.0 if meta.labelled else None,
+            "uncertain": False if meta.labelled else None,
+            "source": meta.source if meta.source in SOURCES else "seller"})
 
     @app.get(
         "/listings/{listing_id}/photo", name="get_photo", operation_id="get_photo",
@@ -599,6 +793,125 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             raise NotFound(f"listing {listing_id!r} was already deleted")
         return Deleted(id=listing_id, version=rt.delete(listing_id))
 
+    # -- the review loop --
+    @app.put(
+        "/listings/{listing_id}/category", response_model=ListingStatus,
+        operation_id="set_category", response_model_exclude_none=True,
+        summary="Confirm or correct a listing's category path (an operator's versioned write)",
+        dependencies=[Depends(write_access)],
+        responses=_errors(401, 404, 409, 413, 415, 422, 503, why={
+            409: "The listing changed since `version` was read (a re-post, a delete or "
+                 "another operator's write), or it is being indexed: read it again"}),
+        openapi_extra=CATEGORY_BODY.openapi,
+    )
+    def set_category(request: Request, listing_id: PathId, rt: RuntimeDep,
+                     parsed: Annotated[Parsed[CategoryIn], Depends(CATEGORY_BODY)]
+                     ) -> ListingStatus:
+        q: CategoryIn = parsed.data
+        path = [" ".join(level.split()) for level in q.category_path]
+        if not all(path):
+            raise InvalidInput("category_path: a level is blank")
+        st = rt.store.status(listing_id)
+        if st is not None and st["status"] == "deleted":
+            raise NotFound(f"listing {listing_id!r} was deleted")
+        if st is None:  # a listing of the seeded catalog: its status is its index payload
+            meta = rt.replica.v.state().meta(listing_id)
+            if meta is None:
+                raise NotFound(f"unknown listing {listing_id!r}")
+            st = {"status": "indexed", "version": 0, "title": meta.title,
+                  "category": meta.category, "category_path": meta.category_path,
+                  "source": meta.source}
+        if st["version"] != q.version:
+            # the new status is built from this one: it must be the version the store's
+            # condition names, or a write at that version could get these stale fields
+            raise VersionConflict(f"listing {listing_id!r} is at version {st['version']}, "
+                                  f"not {q.version}: it changed since it was read; reload it "
+                                  "and try again", st["version"])
+        previous = {k: st.get(k) for k in ("category", "category_path", "source")}
+        correction = {"by": q.reviewer or "operator",
+                      "at": datetime.now(UTC).isoformat(timespec="seconds"),
+                      "category_path": path, "previous": previous}
+        # the review is over and the label is the operator's: it votes from now on
+        status = {k: v for k, v in st.items()
+                  if k not in ("review", "evidence", "uncertain_reason", "version")}
+        status.update(category=path[0], category_path=path, source="confirmed",
+                      confidence=1.0, uncertain=False, path_confidence=[1.0] * len(path),
+                      corrections=[*st.get("corrections", [])[-(MAX_CORRECTIONS - 1):],
+                                   correction])
+        label = {"category": path[0], "category_path": path, "source": "confirmed"}
+        # conditional on the version the operator saw (the store checks it atomically with
+        # the write): never a read-modify-write that could overwrite a newer change
+        version = rt.store.relabel(listing_id, q.version, status,
+                                   {"op": "label", "id": listing_id, "label": label})
+        rt.replica.wait_version(listing_id, version, timeout=5)  # read-your-writes here
+        return _status_out(request, rt, listing_id, {**status, "version": version})
+
+    @app.get("/review", response_model=ReviewPage, operation_id="review_queue",
+             summary="Listings waiting for an operator, with the evidence, oldest first",
+             description="A browser's navigation here (Accept: text/html) gets the "
+             "operators' page instead, which reads this same route as JSON (the page needs "
+             "no key itself: its script sends the one typed in)",
+             dependencies=[Depends(page_or_read_access)],
+             responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}},
+                        **_errors(401, 409, 422, 503)})
+    def review_queue(request: Request, response: Response, rt: RuntimeDep,
+                     reason: Annotated[ReviewReason | None, Query(
+                         description="Only entries with this reason")] = None,
+                     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+                     limit: Annotated[int, Query(ge=1, le=100)] = 20) -> Any:
+        # one URL, two representations: a cache must key them by Accept
+        response.headers["Vary"] = "Accept"
+        if wants_html(request):
+            page = render(app, settings, "review", "Review queue", request)
+            page.headers["Vary"] = "Accept"
+            return page
+        total, ids = rt.store.review_queue(reason, offset, limit)
+        statuses = rt.store.statuses(ids)
+        state = rt.replica.v.state()
+        items = []
+        for lid, st in zip(ids, statuses, strict=True):
+            if st is None or st.get("status") != "indexed" or not st.get("review"):
+                continue  # changed between the two reads: it left the queue
+            ev = st.get("evidence") or {}
+            neighbours = [Neighbour(n["id"], float(n["score"]), n.get("category"),
+                                    n.get("title", ""), tuple(n.get("category_path") or ()))
+                          for n in ev.get("neighbours", [])]
+            dups, same_photo = [], []
+            for d in st.get("duplicates", []):
+                meta = state.meta(d["id"])
+                if meta is not None:  # a duplicate deleted since is no longer shown
+                    dups.append(Neighbour(d["id"], float(d["score"]), meta.category,
+                                          meta.title, tuple(meta.category_path)))
+                    if d.get("same_photo"):
+                        same_photo.append(d["id"])
+            hits = _hits(request, rt, neighbours + dups, _paths(rt, neighbours + dups))
+            [tag] = rt.store.thumbnail_tags([lid])
+            items.append(ReviewItem(
+                id=lid, version=st["version"], title=st.get("title"),
+                photo_url=_photo_url(request, lid, tag), category=st.get("category"),
+                category_path=st.get("category_path") or [], source=st.get("source"),
+                predicted_path=ev.get("predicted_path") or [],
+                confidence=ev.get("predicted_confidence", st.get("confidence")),
+                uncertain_reason=st.get("uncertain_reason"), reasons=st["review"],
+                neighbours=hits[: len(neighbours)], duplicates=hits[len(neighbours):],
+                same_photo=same_photo))
+        return ReviewPage(total=total, offset=offset, limit=limit, items=items)
+
+    @app.get("/categories", response_model=CategoriesOut, operation_id="categories",
+             summary="The taxonomy (category paths of the labelled listings) with counts",
+             dependencies=[Depends(read_access)], responses=_errors(401, 409))
+    def categories(rt: RuntimeDep) -> CategoriesOut:
+        view = rt.replica.v.state().view
+        cached = taxonomy_cache.get("out")
+        if cached is None or cached[0] is not view:
+            paths, unconfirmed = taxonomy(view)
+            out = CategoriesOut(
+                categories=[CategoryCount(path=list(p), count=n)
+                            for p, n in sorted(paths.items())],
+                unconfirmed=dict(sorted(unconfirmed.items())))
+            taxonomy_cache["out"] = cached = (view, out)  # one scan per index version
+        return cached[1]
+
     # -- queries --
     @app.post("/search", response_model=SearchOut, operation_id="search",
               summary="Similar listings to a text, a photo (JSON or multipart) or a listing",
@@ -609,11 +922,15 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         t0 = time.perf_counter()
         q: SearchIn = parsed.data
         photo = parsed.photo
-        given = [x for x in (q.text, photo, q.listing_id) if x]
+        given = [x for x in (q.text, photo, q.listing_id, q.listing_ids) if x]
         if len(given) == 0:
-            raise InvalidInput("give a text, a photo or a listing_id to search with")
-        if q.listing_id and len(given) > 1:
-            raise InvalidInput("listing_id cannot be combined with a text or a photo")
+            raise InvalidInput("give a text, a photo, a listing_id or listing_ids to search "
+                               "with")
+        if (q.listing_id or q.listing_ids) and len(given) > 1:
+            raise InvalidInput("listing_id or listing_ids cannot be combined with anything "
+                               "else to search with")
+        weights = {m: w for m, w in (("text", q.text_weight), ("image", q.image_weight))
+                   if w is not None}
 
         def run() -> str:
             image = decode_photo(photo, settings) if photo is not None else None
@@ -623,7 +940,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
                 return SearchOut(results=[]).model_dump_json()
             hits = v.search(text=q.text, image=image, listing_id=q.listing_id,
                             k=cf.candidates(q.k) if cf else q.k,
-                            category=cf.first if cf else None)
+                            category=cf.first if cf else None,
+                            listing_ids=list(dict.fromkeys(q.listing_ids or ())),
+                            weights=weights or None)
             if q.min_score is not None:  # best first: the rest are under it too
                 hits = [h for h in hits if h.score >= q.min_score]
             paths = _paths(rt, hits)
@@ -686,11 +1005,21 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     def stats(rt: RuntimeDep) -> Stats:
         return metrics.collect(rt)
 
-    from .web import mount_pages
-
     mount_pages(app, settings)
 
     return app
+
+
+def _status_out(request: Request, rt: Runtime, lid: str, st: dict[str, Any]) -> ListingStatus:
+    """A status record of the store as the API shows it, with its photo's URL."""
+    fields = {k: st.get(k) for k in ListingStatus.model_fields if k in st}
+    if st["status"] == "indexed" and "title" not in fields:  # indexed before titles
+        meta = rt.replica.v.state().meta(lid)
+        fields["title"] = meta.title if meta is not None else None
+    out = ListingStatus(id=lid, **fields)
+    [tag] = rt.store.thumbnail_tags([lid])
+    out.photo_url = _photo_url(request, lid, tag)
+    return out
 
 
 def _photo_url(request: Request, lid: str, tag: str | None) -> str | None:

@@ -69,24 +69,28 @@ class body(Generic[M]):  # noqa: N801 (used like a function: ``Depends(body(Mode
     ``limit(settings)`` bytes; ``.openapi`` is the request body to declare with the route's
     ``openapi_extra``."""
 
-    def __init__(self, model: type[M], limit: Callable[[Settings], int]) -> None:
-        self.model, self.limit = model, limit
-        self.max_values = _max_values(model)
+    def __init__(self, model: type[M], limit: Callable[[Settings], int], *,
+                 json_only: bool = False, max_values: int | None = None) -> None:
+        """``json_only``: a body without a photo (multipart is refused, 415);
+        ``max_values``: the bound of :func:`_max_values`, for a model it cannot compute
+        (lists of strings)."""
+        self.model, self.limit, self.json_only = model, limit, json_only
+        self.max_values = max_values or _max_values(model)
         json_schema = model.model_json_schema()
-        form = {**json_schema, "properties": dict(json_schema["properties"])}
-        form["properties"].pop("image_base64", None)
-        form["properties"]["image"] = {"type": "string", "format": "binary",
-                                       "description": "the photo"}
-        self.openapi = {"requestBody": {"required": True, "content": {
-            "application/json": {"schema": json_schema},
-            "multipart/form-data": {"schema": form},
-        }}}
+        content: dict[str, Any] = {"application/json": {"schema": json_schema}}
+        if not json_only:
+            form = {**json_schema, "properties": dict(json_schema["properties"])}
+            form["properties"].pop("image_base64", None)
+            form["properties"]["image"] = {"type": "string", "format": "binary",
+                                           "description": "the photo"}
+            content["multipart/form-data"] = {"schema": form}
+        self.openapi = {"requestBody": {"required": True, "content": content}}
 
     async def __call__(self, request: Request) -> Parsed[M]:
         settings: Settings = request.app.state.settings
         request = _capped(request, self.limit(settings))
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media == "multipart/form-data":
+        if media == "multipart/form-data" and not self.json_only:
             data, photo = await self._form(request)
         elif media in ("application/json", ""):
             raw = await request.body()
@@ -98,8 +102,9 @@ class body(Generic[M]):  # noqa: N801 (used like a function: ``Depends(body(Mode
             data = await run_in_threadpool(self._json, raw)
             photo = None
         else:
-            raise UnsupportedMediaType(f"unsupported content type {media!r}: send "
-                                       "application/json or multipart/form-data")
+            raise UnsupportedMediaType(
+                f"unsupported content type {media!r}: send application/json"
+                + ("" if self.json_only else " or multipart/form-data"))
         b64 = getattr(data, "image_base64", None)
         if b64 is not None:
             if photo is not None:

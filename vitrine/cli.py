@@ -14,7 +14,7 @@ import sys
 from indexer.errors import VitrineError
 
 # Modules under vitrine.commands, each with ``register(subparsers)``.
-COMMAND_MODULES = ["core", "service", "evaluate", "bench"]
+COMMAND_MODULES = ["core", "service", "operate", "evaluate", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

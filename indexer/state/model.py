@@ -22,7 +22,14 @@ Words used throughout (docs/service.md draws them):
 * **thumbnail** — per listing id, the small JPEG of its indexed photo and its etag: set or
   removed by the commit of an outcome that carries a log entry, removed by ``delete``;
   ``put_thumbnails`` writes those of a seeded catalog.
-* **log** — entries ``{"op": "upsert"|"delete"|"reload", "id", "version", ...}`` at
+* **review queue** — the indexed listings whose status holds a non-empty ``review`` (the
+  reasons, :data:`REVIEW_REASONS`): kept by the store in the same atomic step as every
+  status write (a listing leaves it when re-posted, deleted or relabelled), read in pages
+  by :meth:`StateStore.review_queue`, oldest version first.
+* **relabel** — an operator's category write, conditional on the version the operator saw
+  (:meth:`StateStore.relabel`): next version, the new status and a ``label`` log entry,
+  atomically; every replica applies the entry to its copy of the listing's payload.
+* **log** — entries ``{"op": "upsert"|"delete"|"label"|"reload", "id", "version", ...}`` at
   positions 1, 2, 3... (integers, gap-free when appended). Every replica applies them in
   order, highest version per id winning. ``trim(upto)`` drops entries ``<= upto`` and
   records ``trimmed_upto``; a reader whose position is below it must reload a snapshot.
@@ -41,13 +48,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..errors import VitrineError
+from ..errors import VersionConflict, VitrineError
 
 if TYPE_CHECKING:
     from ..settings import Settings
 
 Status = dict[str, Any]
 LogEntry = dict[str, Any]
+# why a listing is in the review queue (a status's ``review``): its seller's category
+# disagrees with a confident vote; the vote is uncertain; the seller's category is not in
+# the taxonomy; it is a near-duplicate of an indexed listing
+REVIEW_REASONS = ("mislabel", "uncertain", "unknown_category", "duplicate")
 
 
 class StoreUnavailable(VitrineError):
@@ -107,6 +118,15 @@ class StateStore(Protocol):
         version. Whether the id is known is the caller's question."""
         ...
 
+    def relabel(self, lid: str, expected: int, status: Status, entry: LogEntry) -> int:
+        """An operator's category write, conditional on ``expected``: if the listing's latest
+        version is ``expected`` and it is ``indexed`` (or ``expected`` is 0 and it has no
+        status at all: a listing of the seeded catalog, which the caller checked exists) and
+        no post of it is pending, then take the next version, write ``status`` and append
+        ``entry`` with it (both get ``"version"``), atomically, and return it. Else change
+        nothing and raise :class:`~indexer.errors.VersionConflict`."""
+        ...
+
     # --- the ingest use case --------------------------------------------------------------
     def claim(self, limit: int, lease_s: float, max_attempts: int) -> Claimed:
         """Take up to ``limit`` claimable events (oldest first) for ``lease_s`` seconds."""
@@ -139,6 +159,17 @@ class StateStore(Protocol):
     def status(self, lid: str) -> Status | None: ...
 
     def statuses(self, lids: Sequence[str]) -> list[Status | None]: ...
+
+    def review_queue(self, reason: str | None, offset: int, limit: int
+                     ) -> tuple[int, list[str]]:
+        """``(total, ids)``: a page of the review queue (all reasons, or one of
+        :data:`REVIEW_REASONS`), oldest version first."""
+        ...
+
+    def status_ids(self, status: str, offset: int, limit: int) -> tuple[int, list[str]]:
+        """``(total, ids)``: a page of the listings whose status is ``status``, oldest
+        version first. Redis scans every status for it: an operator's read, not a hot path."""
+        ...
 
     def status_counts(self) -> dict[str, int]:
         """How many listings have each status (``queued``, ``indexed``, ``failed``,
@@ -203,6 +234,23 @@ def open_store(settings: Settings) -> StateStore:
     from .sqlite_store import SqliteStore
 
     return SqliteStore.open(settings.data_dir)
+
+
+def check_relabel(lid: str, expected: int, current: Status | None, pending: bool) -> None:
+    """Raise :class:`VersionConflict` unless ``(current, pending)`` can take a relabel that
+    expects ``expected`` (see :meth:`StateStore.relabel`); SQLite's rule (Redis's script
+    says the same in Lua)."""
+    version = int(current["version"]) if current is not None else 0
+    if current is None and expected == 0 and not pending:
+        return
+    if current is not None and current.get("status") == "indexed" and not pending \
+            and version == expected:
+        return
+    if current is not None and current.get("status") != "indexed":
+        raise VersionConflict(f"listing {lid!r} is {current.get('status')} (version "
+                              f"{version}): reload it before changing its category", version)
+    raise VersionConflict(f"listing {lid!r} is at version {version}, not {expected}: it "
+                          "changed since it was read; reload it and try again", version)
 
 
 def encode_entry(entry: LogEntry) -> str:

@@ -10,7 +10,9 @@ Keys, all under ``{prefix}:``:
   ``trimmed`` (trimmed_upto);
 * ``lease:{name}`` (the owner, expiring by PX);
 * ``thumb`` (hash id -> thumbnail JPEG) and ``thumbtag`` (hash id -> its etag), written by
-  the commit of an indexed outcome and removed by a delete, in the same script.
+  the commit of an indexed outcome and removed by a delete, in the same script;
+* ``review`` (zset id -> version: the review queue) and ``review:{reason}`` (one per
+  reason), updated by every script that writes a status.
 
 Every write that must be atomic is one Lua script: Redis runs a script alone, so no other
 client sees it half done, and no MULTI/WATCH retry loop is needed. A script is all-or-nothing
@@ -37,12 +39,14 @@ from redis.exceptions import (
 from redis.retry import Retry
 
 from .model import (
+    REVIEW_REASONS,
     Claimed,
     Event,
     LogEntry,
     Outcome,
     Status,
     StoreUnavailable,
+    check_relabel,
     decode_entry,
     encode_entry,
 )
@@ -89,8 +93,23 @@ def redact(url: str) -> str:
 _PRELUDE = """
 local K_VERSION, K_LATEST, K_STATUS, K_PENDING, K_EVENTS, K_LOG, K_LOGPOS, K_TRIMMED =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local K_THUMB, K_THUMBTAG = KEYS[9], KEYS[10]
+local K_THUMB, K_THUMBTAG, K_REVIEW = KEYS[9], KEYS[10], KEYS[11]
 local PHOTO = ARGV[1]
+local REASONS = {@REASONS@}
+local function review_drop(id)
+  redis.call('ZREM', K_REVIEW, id)
+  for _, r in ipairs(REASONS) do redis.call('ZREM', K_REVIEW .. ':' .. r, id) end
+end
+-- a status write keeps the review queue in step (decoded only to read status and review)
+local function review_put(id, status_json)
+  review_drop(id)
+  local st = cjson.decode(status_json)
+  if st.status == 'indexed' and type(st.review) == 'table' and #st.review > 0 then
+    local v = string.format('%.0f', st.version)
+    for _, r in ipairs(st.review) do redis.call('ZADD', K_REVIEW .. ':' .. r, v, id) end
+    redis.call('ZADD', K_REVIEW, v, id)
+  end
+end
 local function now_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -115,12 +134,13 @@ local function log_append(json)
   redis.call('XADD', K_LOG, pos .. '-0', 'e', json)
   return pos
 end
-"""
+""".replace("@REASONS@", ", ".join(f"'{r}'" for r in REVIEW_REASONS))
 
 _ACCEPT = """
 local id, has_photo = ARGV[2], ARGV[4] == '1'
 local v = redis.call('INCR', K_VERSION)
 drop_event(id)
+review_drop(id)
 redis.call('HSET', K_LATEST, id, v)
 redis.call('HSET', K_STATUS, id, cjson.encode({status = 'queued', version = v}))
 redis.call('HSET', K_EVENTS, id,
@@ -135,6 +155,7 @@ _DELETE = """
 local id = ARGV[2]
 local v = redis.call('INCR', K_VERSION)
 drop_event(id)
+review_drop(id)
 redis.call('HSET', K_LATEST, id, v)
 redis.call('HSET', K_STATUS, id, cjson.encode({status = 'deleted', version = v}))
 redis.call('HDEL', K_THUMB, id)
@@ -164,6 +185,7 @@ while claimed < limit do
         local status = cjson.encode({status = 'failed', version = ev.version,
           error = 'gave up after ' .. ev.attempts .. ' attempts: ' .. why})
         redis.call('HSET', K_STATUS, id, status)
+        review_drop(id)
         drop_event(id)
         out[#out + 1] = cjson.encode({id = id, version = ev.version, given_up = status})
       else
@@ -192,6 +214,7 @@ for i = 2, #ARGV, 6 do
   local ok = pending_version(id) == tonumber(ARGV[i + 1])
   if ok then
     redis.call('HSET', K_STATUS, id, ARGV[i + 2])
+    review_put(id, ARGV[i + 2])
     if ARGV[i + 3] ~= '' then
       log_append(ARGV[i + 3])
       if ARGV[i + 4] == '' then
@@ -207,6 +230,29 @@ for i = 2, #ARGV, 6 do
   res[#res + 1] = ok and 1 or 0
 end
 return res
+"""
+
+# The condition of StateStore.relabel (model.check_relabel says the same in Python). The
+# status and the entry come without "version" (ARGV 4, 5: JSON objects, never empty): it is
+# spliced into their text, so Lua never re-encodes them.
+_RELABEL = """
+local id, expected = ARGV[2], tonumber(ARGV[3])
+local raw = redis.call('HGET', K_STATUS, id)
+local pending = redis.call('HEXISTS', K_EVENTS, id) == 1
+local cur = raw and cjson.decode(raw)
+local version = cur and tonumber(cur.version) or 0
+local ok = (not cur and expected == 0 and not pending) or
+           (cur and cur.status == 'indexed' and not pending and version == expected)
+if not ok then
+  return {0, version, cur and cur.status or '', pending and 1 or 0}
+end
+local v = redis.call('INCR', K_VERSION)
+local status = string.sub(ARGV[4], 1, -2) .. ', "version": ' .. v .. '}'
+redis.call('HSET', K_LATEST, id, v)
+redis.call('HSET', K_STATUS, id, status)
+review_put(id, status)
+log_append(string.sub(ARGV[5], 1, -2) .. ', "version": ' .. v .. '}')
+return {1, v, '', 0}
 """
 
 _RELEASE = """
@@ -251,13 +297,21 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 """
 
 
+def _check_review(lid: str, status: Status) -> None:
+    """Checked before a script runs (a script cannot fail half way): the scripts keep one
+    set per known reason, and an unknown one would never leave the queue."""
+    unknown = set(status.get("review") or ()) - set(REVIEW_REASONS)
+    if unknown:
+        raise ValueError(f"status of {lid!r}: unknown review reasons {sorted(unknown)}")
+
+
 class RedisStore:
     def __init__(self, client: redis.Redis, prefix: str, timeout: float) -> None:
         self._r = client
         self._p = prefix
         self._keys = [f"{prefix}:{k}" for k in
                       ("version", "latest", "status", "pending", "events", "log", "logpos",
-                       "trimmed", "thumb", "thumbtag")]
+                       "trimmed", "thumb", "thumbtag", "review")]
         self._log = f"{prefix}:log"
         self._photo = f"{prefix}:photo:"
         # a blocked XREAD must answer before the socket times out, or it reads as an outage
@@ -267,6 +321,7 @@ class RedisStore:
 
         self._accept, self._delete, self._claim = state(_ACCEPT), state(_DELETE), state(_CLAIM)
         self._commit, self._release = state(_COMMIT), state(_RELEASE)
+        self._relabel = state(_RELABEL)
         self._append, self._trim = state(_APPEND), state(_TRIM)
         self._lease = client.register_script(_LEASE)
         self._unlease = client.register_script(_UNLEASE)
@@ -301,6 +356,20 @@ class RedisStore:
     def delete(self, lid: str) -> int:
         return int(self._run(self._delete, lid))
 
+    @_transient
+    def relabel(self, lid: str, expected: int, status: Status, entry: LogEntry) -> int:
+        body = json.dumps({k: v for k, v in status.items() if k != "version"})
+        raw_entry = encode_entry({k: v for k, v in entry.items() if k != "version"})
+        _check_review(lid, status)
+        ok, version, current, pending = self._run(self._relabel, lid, int(expected), body,
+                                                  raw_entry)
+        if ok:
+            return int(version)
+        state = current.decode() if isinstance(current, bytes) else str(current)
+        check_relabel(lid, expected, {"status": state, "version": int(version)} if state
+                      else None, bool(pending))
+        raise AssertionError("the relabel script refused a write check_relabel accepts")
+
     # --- the ingest use case --------------------------------------------------------------
     @_transient
     def claim(self, limit: int, lease_s: float, max_attempts: int) -> Claimed:
@@ -329,6 +398,7 @@ class RedisStore:
         for o in outcomes:
             if o.status.get("version") != o.version or "status" not in o.status:
                 raise ValueError(f"status of {o.id!r} must hold status and version {o.version}")
+            _check_review(o.id, o.status)
             entry = "" if o.entry is None else encode_entry(o.entry)
             tag, jpeg = o.thumbnail or ("", b"")
             args += [o.id, int(o.version), json.dumps(o.status), entry, tag, jpeg]
@@ -367,6 +437,29 @@ class RedisStore:
             return []
         raws = self._r.hmget(f"{self._p}:status", list(lids))
         return [json.loads(r) if r is not None else None for r in raws]
+
+    @_transient
+    def review_queue(self, reason: str | None, offset: int, limit: int
+                     ) -> tuple[int, list[str]]:
+        key = f"{self._p}:review" + (f":{reason}" if reason else "")
+        if limit <= 0:
+            return int(self._r.zcard(key)), []
+        pipe = self._r.pipeline()  # MULTI/EXEC: the count and the page of one state
+        pipe.zcard(key)
+        pipe.zrange(key, int(offset), int(offset) + int(limit) - 1)
+        total, ids = pipe.execute()
+        return int(total), [i.decode() for i in ids]
+
+    @_transient
+    def status_ids(self, status: str, offset: int, limit: int) -> tuple[int, list[str]]:
+        # HSCAN in pages, like status_counts: a full scan that never blocks Redis
+        found: list[tuple[int, str]] = []
+        for lid, raw in self._r.hscan_iter(f"{self._p}:status", count=1000):
+            st = json.loads(raw)
+            if st["status"] == status:
+                found.append((int(st["version"]), lid.decode()))
+        found.sort()
+        return len(found), [lid for _, lid in found[offset: offset + max(0, limit)]]
 
     @_transient
     def status_counts(self) -> dict[str, int]:

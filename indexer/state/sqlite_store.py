@@ -30,6 +30,7 @@ from .model import (
     Outcome,
     Status,
     StoreUnavailable,
+    check_relabel,
     decode_entry,
     encode_entry,
 )
@@ -49,6 +50,9 @@ INSERT OR IGNORE INTO meta VALUES ('version', 0), ('trimmed_upto', 0), ('last_po
 CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, owner TEXT NOT NULL,
                                    expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS thumbs (id TEXT PRIMARY KEY, etag TEXT NOT NULL, jpeg BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS review (id TEXT NOT NULL, reason TEXT NOT NULL,
+                                   version INTEGER NOT NULL, PRIMARY KEY (id, reason));
+CREATE INDEX IF NOT EXISTS review_order ON review (reason, version);
 """
 
 # Primary result codes that mean "not now" rather than a bug in a statement.
@@ -161,6 +165,11 @@ class SqliteStore:
     def _put_status(conn: sqlite3.Connection, lid: str, status: Status) -> None:
         conn.execute("INSERT OR REPLACE INTO statuses VALUES (?, ?, ?)",
                      (lid, int(status["version"]), json.dumps(status)))
+        # every status write passes here: the review queue can never disagree with it
+        conn.execute("DELETE FROM review WHERE id = ?", (lid,))
+        if status.get("status") == "indexed" and status.get("review"):
+            conn.executemany("INSERT OR IGNORE INTO review VALUES (?, ?, ?)",
+                             [(lid, str(r), int(status["version"])) for r in status["review"]])
 
     def _append(self, conn: sqlite3.Connection, entries: Sequence[LogEntry]) -> list[int]:
         last = self._meta(conn, "last_pos")
@@ -192,6 +201,18 @@ class SqliteStore:
             conn.execute("DELETE FROM pending WHERE id = ?", (lid,))
             conn.execute("DELETE FROM thumbs WHERE id = ?", (lid,))
             self._append(conn, [{"op": "delete", "id": lid, "version": v}])
+        return v
+
+    def relabel(self, lid: str, expected: int, status: Status, entry: LogEntry) -> int:
+        with self._tx() as conn:
+            row = conn.execute("SELECT status FROM statuses WHERE id = ?", (lid,)).fetchone()
+            pending = conn.execute("SELECT 1 FROM pending WHERE id = ?", (lid,)).fetchone()
+            # raises before anything is written: the transaction rolls back empty
+            check_relabel(lid, expected, None if row is None else json.loads(row[0]),
+                          pending is not None)
+            v = self._next_version(conn)
+            self._put_status(conn, lid, {**status, "version": v})
+            self._append(conn, [{**entry, "version": v}])
         return v
 
     # --- the ingest use case --------------------------------------------------------------
@@ -280,6 +301,26 @@ class SqliteStore:
             rows = [conn.execute("SELECT status FROM statuses WHERE id = ?", (lid,)).fetchone()
                     for lid in lids]
         return [None if r is None else json.loads(r[0]) for r in rows]
+
+    def review_queue(self, reason: str | None, offset: int, limit: int
+                     ) -> tuple[int, list[str]]:
+        where, args = ("WHERE reason = ?", [reason]) if reason else ("", [])
+        with self._tx(write=False) as conn:
+            total = conn.execute(f"SELECT COUNT(DISTINCT id) FROM review {where}",
+                                 args).fetchone()[0]
+            rows = conn.execute(f"SELECT id, MIN(version) AS v FROM review {where} GROUP BY id "
+                                "ORDER BY v, id LIMIT ? OFFSET ?",
+                                [*args, int(limit), int(offset)]).fetchall()
+        return int(total), [str(r[0]) for r in rows]
+
+    def status_ids(self, status: str, offset: int, limit: int) -> tuple[int, list[str]]:
+        with self._tx(write=False) as conn:
+            total = conn.execute("SELECT COUNT(*) FROM statuses WHERE "
+                                 "json_extract(status, '$.status') = ?", (status,)).fetchone()[0]
+            rows = conn.execute("SELECT id FROM statuses WHERE json_extract(status, '$.status')"
+                                " = ? ORDER BY version, id LIMIT ? OFFSET ?",
+                                (status, int(limit), int(offset))).fetchall()
+        return int(total), [str(r[0]) for r in rows]
 
     def status_counts(self) -> dict[str, int]:
         with self._tx(write=False) as conn:

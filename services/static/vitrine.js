@@ -355,7 +355,14 @@
       if (st.confidence !== undefined) {
         rows.push(["Confidence", `${pct(st.confidence)}${st.uncertain ? " (uncertain)" : ""}`]);
       }
-      if (st.source) rows.push(["Category from", st.source === "seller" ? "you" : "the similar listings"]);
+      const FROM = { seller: "you", predicted: "the similar listings", confirmed: "an operator",
+        unconfirmed: "you (a new category: an operator will check it)" };
+      if (st.source) rows.push(["Category from", FROM[st.source] || st.source]);
+      if (st.duplicates?.length) {
+        rows.push(["Looks like", st.duplicates.map((d) =>
+          `${d.id} (${d.same_photo ? "same photo" : `similarity ${d.score.toFixed(2)}`})`)
+          .join(", ") + ": an operator will check it"]);
+      }
       if (st.warning) rows.push(["Note", st.warning]);
       if (st.error) rows.push(["Error", st.error]);
       const items = [];
@@ -425,6 +432,7 @@
         $("#t-index").textContent = fmt(s.index_size);
         $("#t-pending").textContent = fmt(s.pending);
         $("#t-lag").textContent = fmt(s.lag);
+        $("#t-review").textContent = fmt(s.review);
         $("#t-mode").textContent = s.mode;
         rows($("#by-status"), s.by_status, false);
         rows($("#by-category"), s.by_category, true);
@@ -438,5 +446,154 @@
     load();
   }
 
-  ({ buyer: buyerPage, sell: sellPage, status: statusPage })[body.dataset.page]?.();
+  // --- review queue (operators) -----------------------------------------------------------
+  function reviewPage() {
+    const status = $("#review-status"), queue = $("#queue");
+    const PAGE = 10, NAME_STORE = "vitrine-reviewer";
+    const REASONS = {
+      mislabel: "Seller's category disagrees with the similar listings",
+      uncertain: "Uncertain vote",
+      unknown_category: "Category not in the taxonomy",
+      duplicate: "Near-duplicate",
+    };
+    const UNCERTAIN = {
+      out_of_catalog: "unlike every category we know",
+      low_confidence: "the similar listings disagree",
+      no_neighbours: "no labelled listing to compare with",
+    };
+    let offset = 0, total = 0;
+    $("#reviewer").value = sessionStorage.getItem(NAME_STORE) || "";
+    $("#reviewer").addEventListener("change", () =>
+      sessionStorage.setItem(NAME_STORE, $("#reviewer").value.trim()));
+
+    // note: what to say once loaded (a decision's outcome), instead of the count
+    async function load(note, bad = false) {
+      const reason = $("#reason").value;
+      const q = new URLSearchParams({ offset: String(offset), limit: String(PAGE) });
+      if (reason) q.set("reason", reason);
+      say(status, "Loading…");
+      try {
+        const page = await api(`/review?${q}`);
+        total = page.total;
+        if (!page.items.length && offset > 0) {  // the last entries of a page were decided
+          offset = Math.max(0, offset - PAGE);
+          return load(note, bad);
+        }
+        queue.replaceChildren(...page.items.map(entry));
+        const upto = offset + page.items.length;
+        $("#page-info").textContent = total ? `${offset + 1}–${upto} of ${total}` : "";
+        $("#prev").disabled = offset === 0;
+        $("#next").disabled = upto >= total;
+        const count = total ? `${total} listing${total === 1 ? "" : "s"} to review.`
+          : "Nothing to review: the queue is empty.";
+        say(status, note ? `${note} ${count}` : count, bad);
+      } catch (e) {
+        say(status, e.message, true);
+      }
+    }
+
+    function entry(item) {
+      const li = $("#entry-template").content.firstElementChild.cloneNode(true);
+      li.dataset.id = item.id;
+      $(".entry-title", li).textContent = item.title || item.id;
+      const img = $("img", li);
+      img.alt = item.title || item.id;
+      setPhoto(img, item.photo_url);
+      $(".reasons", li).replaceChildren(...item.reasons.map((r) => {
+        const b = document.createElement("span");
+        b.className = `badge reason ${r}`;
+        b.textContent = REASONS[r] || r;
+        if (r === "uncertain" && item.uncertain_reason) {
+          b.textContent += `: ${UNCERTAIN[item.uncertain_reason] || item.uncertain_reason}`;
+        }
+        return b;
+      }));
+      const src = item.source === "unconfirmed" ? " (seller's, not in the taxonomy)"
+        : item.source === "seller" ? " (seller's)" : item.source === "predicted" ? " (predicted)" : "";
+      $(".now", li).textContent = pathText(item.category_path) + src;
+      const conf = item.confidence === null || item.confidence === undefined ? ""
+        : ` (${pct(item.confidence)})`;
+      $(".predicted", li).textContent = item.predicted_path.length
+        ? pathText(item.predicted_path) + conf : "No vote";
+      $(".id", li).textContent = item.id;
+      $(".version", li).textContent = `version ${item.version}`;
+      const confirm = $(".confirm", li), use = $(".use-predicted", li);
+      if (item.category_path.length) {
+        confirm.textContent = `Confirm ${pathText(item.category_path)}`;
+        confirm.addEventListener("click", () => decide(li, item, item.category_path));
+      } else confirm.remove();
+      const same = item.predicted_path.join("\u0000") === item.category_path.join("\u0000");
+      if (item.predicted_path.length && !same) {
+        use.textContent = `Use ${pathText(item.predicted_path)}`;
+        use.addEventListener("click", () => decide(li, item, item.predicted_path));
+      } else use.remove();
+      const form = $(".correct", li), input = $(".path-input", li);
+      input.id = `path-${item.id}`;
+      $("label", form).htmlFor = input.id;
+      form.addEventListener("submit", (ev) => {
+        ev.preventDefault();
+        const path = input.value.split(">>").map((x) => x.trim()).filter(Boolean);
+        if (!path.length) { say(status, "Type a category path first.", true); input.focus(); return; }
+        decide(li, item, path);
+      });
+      // a handful of photos per entry: loaded at once (lazy ones below the fold would
+      // leave empty frames while the operator compares)
+      const eager = (c) => { $("img", c).loading = "eager"; return c; };
+      $(".neighbours", li).replaceChildren(...item.neighbours.map((h) => eager(card(h))));
+      if (item.duplicates.length) {
+        $(".dups", li).hidden = false;
+        $(".duplicates", li).replaceChildren(...item.duplicates.map((h) => {
+          const c = eager(card(h));
+          if (item.same_photo.includes(h.id)) {
+            $(".score", c).textContent = `same photo · ${h.score.toFixed(2)}`;
+          }
+          return c;
+        }));
+      }
+      return li;
+    }
+
+    async function decide(li, item, path) {
+      const wk = $("#write-key") ? $("#write-key").value.trim() : "";
+      if (WRITE_KEY && !wk) {
+        say(status, "Changing a category needs the write key: type it above.", true);
+        $("#write-key").focus();
+        return;
+      }
+      const data = { category_path: path, version: item.version };
+      const who = $("#reviewer").value.trim();
+      if (who) data.reviewer = who;
+      for (const b of li.querySelectorAll("button")) b.disabled = true;
+      try {
+        const st = await api(`/listings/${encodeURIComponent(item.id)}/category`,
+          { method: "PUT", data, writeKey: wk || undefined });
+        li.remove();
+        // the queue again (it moved on: the count, the page), then the next entry's button
+        await load(`Saved: “${item.title || item.id}” is now ${pathText(st.category_path)}.`);
+        $("#queue .entry button")?.focus();
+      } catch (e) {
+        for (const b of li.querySelectorAll("button")) b.disabled = false;
+        if (e.status === 409) {
+          load(`Not saved: ${e.message}. The queue was reloaded.`, true);
+        } else say(status, e.status === 401 ? "The write key was refused." : e.message, true);
+      }
+    }
+
+    $("#reason").addEventListener("change", () => { offset = 0; load(); });
+    $("#reload").addEventListener("click", () => load());
+    $("#prev").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); load(); });
+    $("#next").addEventListener("click", () => { offset += PAGE; load(); });
+    $("#review-filter").addEventListener("submit", (ev) => { ev.preventDefault(); load(); });
+    // the taxonomy's paths as suggestions for a correction
+    api("/categories").then((t) => {
+      $("#taxonomy").replaceChildren(...t.categories.map((c) => {
+        const o = document.createElement("option");
+        o.value = c.path.join(" >> ");
+        return o;
+      }));
+    }).catch(() => {});
+    if (!READ_KEY || key()) load();
+  }
+
+  ({ buyer: buyerPage, sell: sellPage, status: statusPage, review: reviewPage })[body.dataset.page]?.();
 })();

@@ -67,3 +67,29 @@ def test_state_round_trips_as_data_and_malformed_state_is_refused():
     for m, a in bad:
         with pytest.raises(ValueError):
             Fusion.from_state(m, a)
+
+
+def test_per_query_factors_weigh_each_modality_and_centroids_stay_unit_blocks():
+    rng = np.random.default_rng(2)
+    text = rng.normal(size=(3, 3)).astype(np.float32)
+    image = rng.normal(size=(3, 2)).astype(np.float32)
+    present = {"text": np.ones(3, bool), "image": np.array([1, 1, 0], bool)}
+    f = Fusion([Block("text", 3, 1.0), Block("image", 2, 0.5)])
+    fused = f.fuse({"text": text, "image": image}, present)
+    blocks = f.split(fused)
+    cos_t = blocks["text"][0] @ blocks["text"][1]
+    cos_i = blocks["image"][0] @ blocks["image"][1]
+    for factors in ({"text": 2.0, "image": 1.0}, {"text": 1.0, "image": 0.0}):
+        q = f.reweight(fused[:1], factors)
+        s = float(q[0] @ fused[1] / f.query_norm(fused[:1], factors)[0])
+        ft, fi = factors["text"], factors["image"]
+        want = (ft * 1.0 * cos_t + fi * 0.25 * cos_i) / (ft * 1.0 + fi * 0.25)
+        np.testing.assert_allclose(s, want, atol=1e-5)
+    np.testing.assert_array_equal(f.reweight(fused, {}), fused)  # no factor: unchanged
+    # a centroid: per block the normalised mean of the rows that have it, weighted
+    c = f.split(f.centroid(fused))
+    mean_t = blocks["text"].mean(axis=0)
+    np.testing.assert_allclose(c["text"][0], mean_t / np.linalg.norm(mean_t), atol=1e-5)
+    mean_i = blocks["image"][:2].mean(axis=0)  # the third row has no photo: not averaged in
+    np.testing.assert_allclose(c["image"][0], mean_i / np.linalg.norm(mean_i), atol=1e-5)
+    np.testing.assert_allclose(f.centroid(fused[:1]), fused[:1], atol=1e-6)  # one row: itself

@@ -205,3 +205,41 @@ def test_a_running_replica_follows_a_seed_once(tmp_path, settings, registry, sma
         assert late.digest() == early.digest() and len(late.v) == 28
     finally:
         store.close()
+
+
+def test_an_operators_label_reaches_every_replica_and_then_votes(rt, registry) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    # opened before the post: it applies the upsert and the label in one batch
+    other = Replica.open(rt.settings, rt.store, registry)
+    post(rt, "lab-1", "Cotton cushion cover, blue", category="Acessories")
+    settle(rt)
+    st = rt.store.status("lab-1")
+    assert st is not None and st["source"] == "unconfirmed" and "unknown_category" in st["review"]
+    assert rt.store.review_queue(None, 0, 10) == (1, ["lab-1"])
+    held = rt.replica.v.state()
+    assert not held.meta("lab-1").labelled  # type: ignore[union-attr]
+    vec = held.view.get(["lab-1"])
+    assert "lab-1" not in {n.id for n in rt.replica.v.search_vector(vec[0], 5, labelled_only=True)}
+    path = ["Home Furnishing", "Cushions, Pillows & Covers"]
+    label = {"category": path[0], "category_path": path, "source": "confirmed"}
+    # the decided status, as the API writes it: the review is over
+    decided = {**{k: x for k, x in st.items() if k not in ("review", "evidence")}, **label}
+    v = rt.store.relabel("lab-1", st["version"], decided,
+                         {"op": "label", "id": "lab-1", "label": label})
+    rt.replica.catch_up()
+    other.catch_up()
+    for r in (rt.replica, other):
+        m = r.v.state().meta("lab-1")
+        assert m is not None and (m.title, m.category, m.category_path, m.source) == (
+            "Cotton cushion cover, blue", path[0], path, "confirmed")
+        assert m.labelled and r.versions["lab-1"] == v
+        assert np.array_equal(r.v.state().view.get(["lab-1"]), vec)  # the same vector
+        # it votes now: the labelled-only search a vote runs finds it first
+        assert r.v.search_vector(vec[0], 5, labelled_only=True)[0].id == "lab-1"
+    assert other.digest() == rt.replica.digest()
+    assert rt.store.review_queue(None, 0, 10) == (0, [])
+    # a replica started from a snapshot written after it holds the label too
+    assert rt.replica.snapshot()
+    fresh = Replica.open(rt.settings, rt.store, registry)
+    assert fresh.v.state().meta("lab-1").source == "confirmed"  # type: ignore[union-attr]

@@ -127,3 +127,19 @@ def test_calibration_curve_and_reliability():
     assert cal.threshold("A") == 0.5 and cal.threshold("B") == cal.pooled_threshold
     again = Calibration.from_state(*cal.to_state())
     assert again.confidence(0.77) == cal.confidence(0.77) and again.thresholds == {"A": 0.5}
+
+
+def test_duplicate_threshold_is_a_high_quantile_stored_as_data():
+    from indexer.calibration import Calibration
+
+    closest = np.linspace(0.5, 1.0, 101).tolist()  # nearest-other similarities, 0.005 apart
+    cal = Calibration.fit([0.9] * 40, [True] * 40, {}, 0.05, closest, 0.99)
+    assert cal.duplicate_threshold is not None and abs(cal.duplicate_threshold - 0.995) < 1e-9
+    meta, arrays = cal.to_state()
+    assert Calibration.from_state(meta, arrays).duplicate_threshold == cal.duplicate_threshold
+    # switched off, or too few listings to measure: no threshold (only the same photo counts)
+    assert Calibration.fit([], [], {}, 0.05, closest, 0.0).duplicate_threshold is None
+    assert Calibration.fit([], [], {}, 0.05, closest[:10], 0.99).duplicate_threshold is None
+    # a snapshot written before the threshold existed reads as none
+    old = {k: v for k, v in meta.items() if not k.startswith("duplicate")}
+    assert Calibration.from_state(old, arrays).duplicate_threshold is None

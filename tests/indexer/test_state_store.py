@@ -538,3 +538,108 @@ def test_seeded_thumbnails_and_status_counts(store: StateStore):
     assert {e.id for e in claim.events} == {"a", "b"}
     assert store.commit([indexed("a", v)]) == [True]
     assert store.status_counts() == {"indexed": 1, "queued": 1, "deleted": 1}
+
+
+# --- the review queue and an operator's relabel ----------------------------------------------
+
+
+def _reviewed(lid: str, version: int, *reasons: str) -> Outcome:
+    o = indexed(lid, version)
+    if reasons:
+        o.status["review"] = list(reasons)
+    return o
+
+
+def test_review_queue_follows_every_status_write(backend: Backend, store: StateStore):
+    va, vb, vc, vd = (post(store, x) for x in "abcd")
+    assert len(store.claim(10, 30, 5).events) == 4
+    assert store.commit([_reviewed("a", va, "mislabel"),
+                         _reviewed("b", vb, "uncertain", "duplicate"),
+                         _reviewed("c", vc), _reviewed("d", vd, "unknown_category")]) == [True] * 4
+    assert store.review_queue(None, 0, 10) == (3, ["a", "b", "d"])  # oldest version first
+    assert store.review_queue("duplicate", 0, 10) == (1, ["b"])
+    assert store.review_queue("mislabel", 0, 10) == (1, ["a"])
+    assert store.review_queue(None, 1, 1) == (3, ["b"])  # paged
+    assert store.review_queue(None, 5, 10) == (3, [])
+    store = backend.reopen(store)  # durable, like the statuses it follows
+    assert store.review_queue(None, 0, 10) == (3, ["a", "b", "d"])
+    # a re-post leaves the queue (queued), a delete too; a failed outcome never enters it
+    post(store, "b")
+    store.delete("a")
+    assert store.review_queue(None, 0, 10) == (1, ["d"])
+    assert store.review_queue("duplicate", 0, 10) == (0, [])
+    [e] = store.claim(10, 30, 5).events
+    failed = {"status": "failed", "version": e.version, "error": "x", "review": ["uncertain"]}
+    assert store.commit([Outcome("b", e.version, failed)]) == [True]
+    assert store.review_queue(None, 0, 10) == (1, ["d"])
+
+
+def test_relabel_is_conditional_on_the_version_the_operator_saw(store: StateStore):
+    from indexer.errors import VersionConflict
+
+    v = post(store, "a")
+    claim_one(store)
+    assert store.commit([_reviewed("a", v, "mislabel")]) == [True]
+    before = store.last_pos()
+    label = {"op": "label", "id": "a", "label": {"category": "Kitchen", "source": "confirmed",
+                                                 "category_path": ["Kitchen", "Cookware"]}}
+    status = {"status": "indexed", "category": "Kitchen", "source": "confirmed"}
+    with pytest.raises(VersionConflict) as stale:
+        store.relabel("a", v - 1, status, label)
+    assert stale.value.current == v
+    assert store.last_pos() == before and store.review_queue(None, 0, 10) == (1, ["a"])
+    v2 = store.relabel("a", v, status, label)
+    assert v2 > v
+    assert store.status("a") == {**status, "version": v2}
+    [(pos, entry)] = store.read(before)
+    assert pos == before + 1 and entry == {**label, "version": v2}
+    assert store.review_queue(None, 0, 10) == (0, [])  # decided: out of the queue
+    # the same decision sent twice (a double click): the second saw an older version
+    with pytest.raises(VersionConflict):
+        store.relabel("a", v, status, label)
+    # a re-post is being indexed: no relabel of the version it replaces, nor of its own
+    v3 = post(store, "a")
+    for expected in (v2, v3):
+        with pytest.raises(VersionConflict, match="queued"):
+            store.relabel("a", expected, status, label)
+    # a listing of the seeded catalog has no status: version 0, once
+    v4 = store.relabel("cat-1", 0, status, {**label, "id": "cat-1"})
+    assert v4 > v3 and store.status("cat-1") == {**status, "version": v4}
+    with pytest.raises(VersionConflict):
+        store.relabel("cat-1", 0, status, {**label, "id": "cat-1"})
+    store.delete("cat-1")
+    with pytest.raises(VersionConflict, match="deleted"):
+        store.relabel("cat-1", store.status("cat-1")["version"], status, label)  # type: ignore[index]
+
+
+def test_concurrent_relabels_of_one_version_commit_once(backend: Backend, store: StateStore):
+    from indexer.errors import VersionConflict
+
+    v = post(store, "a")
+    claim_one(store)
+    assert store.commit([_reviewed("a", v, "uncertain")]) == [True]
+    stores = [store] if isinstance(store, SqliteStore) else [backend.open() for _ in range(8)]
+    won: list[int] = []
+    lost: list[int | None] = []
+    go = threading.Barrier(8)
+
+    def decide(i: int) -> None:
+        s = stores[i % len(stores)]
+        go.wait()
+        try:
+            won.append(s.relabel("a", v, {"status": "indexed", "category": f"C{i}"},
+                                 {"op": "label", "id": "a", "label": {"category": f"C{i}"}}))
+        except VersionConflict as e:
+            lost.append(e.current)
+
+    threads = [threading.Thread(target=decide, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and len(lost) == 7, (won, lost)
+    # exactly one decision is the listing's: its status and one log entry say the same
+    st = store.status("a")
+    assert st is not None and st["version"] == won[0]
+    labels = [e for _, e in store.read(0) if e["op"] == "label"]
+    assert len(labels) == 1 and labels[0]["label"]["category"] == st["category"]

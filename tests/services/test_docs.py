@@ -49,3 +49,21 @@ def test_no_docs_no_assets(settings, tmp_path) -> None:  # type: ignore[no-untyp
     client = _client(settings, tmp_path, docs=False)
     for path in ("/docs", "/docs/assets/swagger-ui-bundle.js", "/openapi.json"):
         assert client.get(path).status_code == 404, path
+
+
+def test_review_routes_declare_their_problems(settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    spec = _client(settings, tmp_path, docs=True).get("/openapi.json").json()
+    paths = spec["paths"]
+    put = paths["/listings/{listing_id}/category"]["put"]
+    assert set(put["responses"]) == {"200", "401", "404", "409", "413", "415", "422", "503"}
+    assert "changed since" in put["responses"]["409"]["description"]  # this route's 409
+    assert put["responses"]["409"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/Problem")
+    assert list(put["requestBody"]["content"]) == ["application/json"]  # no photo: no form
+    assert put["security"] == [{"APIKeyHeader": []}]
+    review = paths["/review"]["get"]
+    assert set(review["responses"]) == {"200", "401", "409", "422", "503"}
+    assert set(review["responses"]["200"]["content"]) == {"application/json", "text/html"}
+    assert {p["name"] for p in review["parameters"]} == {"reason", "offset", "limit"}
+    assert review["security"] == [{"APIKeyHeader": []}]
+    assert set(paths["/categories"]["get"]["responses"]) == {"200", "401", "409"}

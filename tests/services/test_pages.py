@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import pytest
 
 from indexer.catalog import parse_category_tree
 from tests.support.offline import CSV, DATA_DIR
-from tests.support.service import SEED_PER_CATEGORY, Server
+from tests.support.service import SEED_PER_CATEGORY, Server, b64, wait_until
 
 pytestmark = pytest.mark.slow
 playwright = pytest.importorskip("playwright.sync_api")  # a dev dependency (see README)
@@ -178,5 +179,104 @@ def test_status_panel_shows_the_counts(service, page) -> None:  # type: ignore[n
     page.wait_for_function("() => document.querySelector('#t-mode').textContent === 'embedded'")
     code, stats = server.call("GET", "/stats")
     assert page.locator("#t-index").inner_text() == f"{stats['index_size']:,}"
+    assert page.locator("#t-review").inner_text() == f"{stats['review']:,}"
     assert page.locator("#by-category tr").count() == len(stats["by_category"]) == 7
     shot(page, "status")
+
+
+def test_operator_correction_changes_the_category_and_its_later_votes(service, page) -> None:  # type: ignore[no-untyped-def]
+    server, rows = service
+    watch = next(r for r in rows if r["product_category_tree"].startswith('["Watches'))
+    title = f"{watch['product_name']}, gift box"
+    # a seller files a watch under a known, wrong category: a suspected mislabel
+    code, _ = server.call("POST", "/listings", {"id": "op-1", "title": title,
+                                                 "category": "Kitchen & Dining"})
+    assert code == 202
+    wait_until(lambda: server.call("GET", "/listings/op-1")[1].get("status") == "indexed", 60)
+    code, st = server.call("GET", "/listings/op-1")
+    assert st["category"] == "Kitchen & Dining" and "mislabel" in st["review"], st
+    # until an operator decides, it votes with the seller's label
+    code, vote = server.call("POST", "/classify", {"title": title})
+    assert {n["id"]: n["category"] for n in vote["neighbours"]}["op-1"] == "Kitchen & Dining"
+
+    # another seller reuses a catalog listing's photo: a near-duplicate by its photo
+    photo = (DATA_DIR / "images" / watch["image"]).read_bytes()
+    code, _ = server.call("POST", "/listings", {"id": "op-2", "title": "Men's watch, boxed",
+                                                 "image_base64": b64(photo)})
+    assert code == 202
+    wait_until(lambda: server.call("GET", "/listings/op-2")[1].get("status") == "indexed", 60)
+
+    page.goto(server.url + "/review")
+    entry = page.locator('#queue .entry[data-id="op-1"]')
+    entry.wait_for()
+    assert "disagrees" in entry.locator(".reasons").inner_text()
+    assert entry.locator(".predicted").inner_text().startswith("Watches")
+    # the evidence: the neighbours' photos, side by side with the listing; every photo
+    # loaded (none left blank)
+    page.wait_for_function("() => [...document.querySelectorAll('#queue img')]"
+                           ".every(i => i.hidden || (i.complete && i.naturalWidth > 0))")
+    assert entry.locator(".neighbours .card").count() >= 3
+    dup = page.locator('#queue .entry[data-id="op-2"] .duplicates .card').filter(
+        has=page.locator(".id", has_text=watch["uniq_id"]))
+    assert dup.locator(".score").inner_text().startswith("same photo")
+    shot(page, "review-queue")
+    before = page.locator("#page-info").inner_text()
+    page.get_by_label("Your name").fill("ana")
+    use = entry.get_by_role("button", name=re.compile(r"^Use Watches"))
+    use.focus()
+    page.keyboard.press("Enter")  # one key press decides
+    page.wait_for_function("() => document.querySelector('#review-status').textContent"
+                           ".startsWith('Saved')")
+    assert page.locator('#queue .entry[data-id="op-1"]').count() == 0
+    assert page.locator("#page-info").inner_text() != before  # the count moved on
+    shot(page, "review-decided")
+
+    code, st = server.call("GET", "/listings/op-1")
+    assert st["category"] == "Watches" and st["source"] == "confirmed"
+    assert st["category_path"][0] == "Watches" and "review" not in st
+    assert st["corrections"][0]["previous"]["category"] == "Kitchen & Dining"
+    assert st["corrections"][0]["by"] == "ana"
+    # and its later votes: a near-copy of it now gets Watches from that neighbour
+    code, vote = server.call("POST", "/classify", {"title": title})
+    assert {n["id"]: n["category"] for n in vote["neighbours"]}["op-1"] == "Watches"
+    assert vote["category"] == "Watches"
+
+
+def test_export_writes_every_listing_of_the_running_server(service, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import subprocess
+    import sys
+
+    from tests.support.offline import ROOT
+
+    server, rows = service
+    code, stats = server.call("GET", "/stats")
+    out = {}
+    for fmt in ("csv", "json"):
+        path = tmp_path / f"listings.{fmt}"
+        r = subprocess.run([sys.executable, "-m", "vitrine.cli", "export", "--server",
+                            server.url, "--format", fmt, "-o", str(path)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert f"exported {stats['index_size']} listings" in r.stderr
+        out[fmt] = path
+    with out["csv"].open(newline="", encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["id", "title", "category_path", "source", "confidence", "status"]
+    assert len(table) == stats["index_size"] and {r["uniq_id"] for r in rows} <= {
+        t["id"] for t in table}
+    catalog = next(t for t in table if t["id"] == rows[0]["uniq_id"])
+    assert catalog["status"] == "indexed" and catalog["source"] == "seller"
+    assert catalog["confidence"] == "1.0000"  # a catalog label
+    assert sum(" >> " in t["category_path"] for t in table) > len(table) / 2  # paths
+    data = json.loads(out["json"].read_text())
+    assert [d["id"] for d in data] == [t["id"] for t in table]
+    assert data[0]["category_path"] == table[0]["category_path"].split(" >> ")
+    # an operator's correction is what the export says (the test above confirmed op-1)
+    op = next((t for t in table if t["id"] == "op-1"), None)
+    if op is not None:
+        assert op["category_path"].startswith("Watches") and op["source"] == "confirmed"
+    bad = subprocess.run([sys.executable, "-m", "vitrine.cli", "export", "--server",
+                          "http://127.0.0.1:9"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "no vitrine server answers" in bad.stderr

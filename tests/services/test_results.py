@@ -143,3 +143,47 @@ def test_pages_are_served_and_say_when_a_key_is_needed(settings, tmp_path) -> No
     assert 'data-read-key="true"' in page and 'data-write-key="true"' in page
     assert 'id="write-key"' in page  # the seller form asks for the write key
     assert keyed.get("/listings/x/photo").status_code == 401  # photos are reads too
+
+
+def _ranked(api, body: dict) -> list[tuple[str, float]]:  # type: ignore[no-untyped-def]
+    r = api.post("/search", json=body)
+    assert r.status_code == 200, r.text
+    return [(h["id"], round(h["score"], 4)) for h in r.json()["results"]]
+
+
+def test_modality_weights_lean_a_query_on_its_words_or_its_photo(api, seed_dir) -> None:  # type: ignore[no-untyped-def]
+    photo = b64(png(96, 96, (230, 200, 40)))
+    text = "yellow cotton bedsheet"
+    both = _ranked(api, {"text": text, "image_base64": photo, "k": 10})
+    words = _ranked(api, {"text": text, "k": 10})
+    pixels = _ranked(api, {"image_base64": photo, "k": 10})
+    assert both != words and both != pixels  # the photo and the words both count by default
+    # a weight of 0 leaves that modality out: the same ranking and scores as without it
+    assert _ranked(api, {"text": text, "image_base64": photo, "k": 10,
+                         "image_weight": 0}) == words
+    assert _ranked(api, {"text": text, "image_base64": photo, "k": 10,
+                         "text_weight": 0}) == pixels
+    # in between, the scores move towards the favoured modality
+    leaning = _ranked(api, {"text": text, "image_base64": photo, "k": 10, "image_weight": 0.2})
+    assert leaning not in (both, pixels)
+    r = api.post("/search", json={"text": text, "k": 5, "text_weight": 0})
+    assert r.status_code == 422 and "weights" in r.json()["detail"]
+    assert api.post("/search", json={"text": text, "text_weight": -1}).status_code == 422
+
+
+def test_more_like_several_listings_at_once(api) -> None:  # type: ignore[no-untyped-def]
+    watches = [h["id"] for h in api.post("/search", json={
+        "text": "analog wrist watch", "k": 3, "category": "Watches"}).json()["results"]]
+    a, b = watches[:2]
+    # one id: the same as "more like this"
+    assert _ranked(api, {"listing_ids": [a], "k": 8}) == _ranked(api, {"listing_id": a, "k": 8})
+    both = _ranked(api, {"listing_ids": [a, b, a], "k": 8})  # a repeated id counts once
+    ids = [x for x, _ in both]
+    assert a not in ids and b not in ids and len(ids) == 8  # the examples are left out
+    assert both != _ranked(api, {"listing_id": a, "k": 8})[:8]
+    cats = [h["category"] for h in api.post("/search", json={
+        "listing_ids": [a, b], "k": 5}).json()["results"]]
+    assert cats.count("Watches") >= 4
+    assert api.post("/search", json={"listing_ids": [a, "no-such"]}).status_code == 404
+    assert api.post("/search", json={"listing_ids": [a], "text": "x"}).status_code == 422
+    assert api.post("/search", json={"listing_ids": []}).status_code == 422
