@@ -27,6 +27,7 @@ thread, so that nothing flips a process-wide thread count per call.
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import json
@@ -37,7 +38,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -280,6 +281,29 @@ class BackendRunner:
                 self._lane = BackendRunner(self.path, self.backend, 1,
                                            lanes=default_threads(0))
             return self._lane
+
+
+def exported_runner(root: Path, name: str, identity: str, backend: str,
+                    export: Callable[[Path], None], *, transformer: bool,
+                    threads: int) -> BackendRunner:
+    """The runner of a model's export for ``backend``, exported first if it is not cached."""
+    folder = cached_export(root, name, cache_key(identity, backend),
+                           lambda d: build_graphs(d, export, transformer=transformer,
+                                                  backend=backend))
+    return BackendRunner(graph_file(folder, backend), backend, threads)
+
+
+class OnBackend:
+    """What text and image encoders on a backend share: their :class:`BackendRunner`, and
+    the copy of themselves that ingestion lanes call."""
+
+    runner: BackendRunner
+
+    def for_lane(self) -> Self:
+        """This encoder on the runner that ingestion lanes share."""
+        lane = copy.copy(self)
+        lane.runner = self.runner.for_lane()
+        return lane
 
 
 def graph_file(folder: Path, backend: str) -> Path:

@@ -14,7 +14,6 @@ model, without a download (used by the tests and for smoke runs).
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelSpecError
+from .backends import OnBackend
 from .base import Progress, l2_normalize
 
 log = logging.getLogger(__name__)
@@ -121,22 +121,14 @@ class TorchImageEncoder:
         return l2_normalize(out)
 
 
-class BackendImageEncoder:
+class BackendImageEncoder(OnBackend):
     """An image encoder's network run on ONNX Runtime or OpenVINO (see
     :mod:`indexer.encoders.backends`); photos are preprocessed as for PyTorch (the same
     letterbox transform), then run through the exported graph."""
 
     def __init__(self, spec: str, source: TorchImageEncoder, backend: str, *, identity: str,
                  export_root: Path, threads: int) -> None:
-        from .backends import (
-            BackendRunner,
-            build_graphs,
-            cache_key,
-            cached_export,
-            export_onnx,
-            graph_file,
-            split_backend,
-        )
+        from .backends import export_onnx, exported_runner, split_backend
 
         self.spec, self.dim, self.batch_size = spec, source.dim, source.batch_size
         self.preprocess = source.preprocess
@@ -157,17 +149,9 @@ class BackendImageEncoder:
                         {"pixels": {0: "batch"}}, path)
 
         family, arch, _weights = parse_image_spec(split_backend(spec)[0])
-        folder = cached_export(export_root, f"image-{family}-{arch}-{backend}",
-                               cache_key(identity, backend),
-                               lambda d: build_graphs(d, export, transformer=False,
-                                                      backend=backend))
-        self.runner = BackendRunner(graph_file(folder, backend), backend, threads)
-
-    def for_lane(self) -> BackendImageEncoder:
-        """This encoder on the one-thread runner that ingestion lanes share."""
-        lane = copy.copy(self)
-        lane.runner = self.runner.for_lane()
-        return lane
+        self.runner = exported_runner(export_root, f"image-{family}-{arch}-{backend}",
+                                      identity, backend, export, transformer=False,
+                                      threads=threads)
 
     def encode(self, images: Sequence[Any], progress: Progress | None = None) -> np.ndarray:
         import torch

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import IndexMismatch, ModelSpecError
+from .backends import OnBackend
 from .base import Progress, l2_normalize
 
 
@@ -91,7 +91,7 @@ def _sentence_graph(model: Any, names: Sequence[str], constants: Mapping[str, An
     return SentenceGraph().eval()
 
 
-class BackendTextEncoder:
+class BackendTextEncoder(OnBackend):
     """A sentence-transformers model run on ONNX Runtime or OpenVINO (see
     :mod:`indexer.encoders.backends`). Texts are tokenized by the model's own
     ``preprocess`` (its tokenizer and maximum length) and run through the exported graph
@@ -108,15 +108,7 @@ class BackendTextEncoder:
 
     def __init__(self, spec: str, base: str, backend: str, *, identity: Callable[[], str],
                  export_root: Path, threads: int) -> None:
-        from .backends import (
-            BackendRunner,
-            build_graphs,
-            cache_key,
-            cached_export,
-            export_onnx,
-            graph_file,
-            require,
-        )
+        from .backends import export_onnx, exported_runner, require
 
         require(backend, spec)
         st = SentenceTransformerEncoder(base, device="cpu")
@@ -132,17 +124,9 @@ class BackendTextEncoder:
             export_onnx(_sentence_graph(self._model, list(tensors), constants), tensors,
                         {k: {0: "batch", 1: "sequence"} for k in tensors}, path)
 
-        folder = cached_export(export_root, f"text-{Path(base).name or base}-{backend}",
-                               cache_key(identity(), backend),
-                               lambda d: build_graphs(d, export, transformer=True,
-                                                      backend=backend))
-        self.runner = BackendRunner(graph_file(folder, backend), backend, threads)
-
-    def for_lane(self) -> BackendTextEncoder:
-        """This encoder on the one-thread runner that ingestion lanes share."""
-        lane = copy.copy(self)
-        lane.runner = self.runner.for_lane()
-        return lane
+        self.runner = exported_runner(export_root, f"text-{Path(base).name or base}-{backend}",
+                                      identity(), backend, export, transformer=True,
+                                      threads=threads)
 
     def encode(self, texts: Sequence[str], progress: Progress | None = None) -> np.ndarray:
         import torch
