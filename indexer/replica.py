@@ -122,12 +122,13 @@ class Replica:
             elif op == "label":
                 # an operator's category: the same vector, the payload's label replaced
                 # (the one this replica holds at the version before, like every replica)
-                got = self._labelled(lid, e["label"], upserts)
+                # a listing deleted earlier in this batch stays deleted: the published view
+                # still holds its old vector, which a label must not bring back
+                got = None if lid in deletes else self._labelled(lid, e["label"], upserts)
                 if got is None:
                     log.error("log entry %d relabels %r, which this index does not hold: "
                               "skipped", pos, lid)
                     continue
-                deletes.discard(lid)
                 upserts[lid] = got
             elif op == "delete":
                 upserts.pop(lid, None)

@@ -359,7 +359,9 @@ class RedisStore:
     @_transient
     def relabel(self, lid: str, expected: int, status: Status, entry: LogEntry) -> int:
         body = json.dumps({k: v for k, v in status.items() if k != "version"})
-        raw_entry = encode_entry({k: v for k, v in entry.items() if k != "version"})
+        # the entry is about the listing whose version is checked, whatever it said
+        raw_entry = encode_entry({**{k: v for k, v in entry.items() if k != "version"},
+                                  "id": lid})
         _check_review(lid, status)
         ok, version, current, pending = self._run(self._relabel, lid, int(expected), body,
                                                   raw_entry)

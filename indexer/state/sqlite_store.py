@@ -212,7 +212,8 @@ class SqliteStore:
                           pending is not None)
             v = self._next_version(conn)
             self._put_status(conn, lid, {**status, "version": v})
-            self._append(conn, [{**entry, "version": v}])
+            # the entry is about the listing whose version was checked, whatever it said
+            self._append(conn, [{**entry, "id": lid, "version": v}])
         return v
 
     # --- the ingest use case --------------------------------------------------------------

@@ -597,6 +597,11 @@ def test_relabel_is_conditional_on_the_version_the_operator_saw(store: StateStor
     # the same decision sent twice (a double click): the second saw an older version
     with pytest.raises(VersionConflict):
         store.relabel("a", v, status, label)
+    # the log entry is about the listing whose version was checked, whatever it said
+    end = store.last_pos()
+    v3 = store.relabel("a", v2, status, {**label, "id": "someone-else"})
+    [(_, entry)] = store.read(end)
+    assert entry == {**label, "id": "a", "version": v3}
     # a re-post is being indexed: no relabel of the version it replaces, nor of its own
     v3 = post(store, "a")
     for expected in (v2, v3):
