@@ -5,9 +5,9 @@ VITRINE := .venv/bin/vitrine
 # Offline copies of the models when ../shared has them; otherwise the hub defaults
 # (sentence-transformers/all-mpnet-base-v2 and OpenCLIP ViT-B-32, downloaded on first use).
 # On the CPU backends `vitrine bench encoders` measured fastest and faithful (README, Fast
-# encoders): MiniLM int8 on ONNX Runtime, MobileNetV2 on ONNX Runtime.
+# encoders): MiniLM and MobileNetV2 on ONNX Runtime, fp32.
 ifneq ($(wildcard $(SHARED)/models/all-MiniLM-L6-v2/modules.json),)
-export VITRINE_TEXT_MODEL ?= $(abspath $(SHARED)/models/all-MiniLM-L6-v2)+onnx-int8
+export VITRINE_TEXT_MODEL ?= $(abspath $(SHARED)/models/all-MiniLM-L6-v2)+onnx
 export VITRINE_IMAGE_MODEL ?= torchvision:mobilenet_v2@$(abspath $(SHARED)/models/mobilenet_v2_imagenet/model.safetensors)+onnx
 endif
 DATA ?= $(if $(wildcard $(SHARED)/data/flipkart-1050),$(SHARED)/data/flipkart-1050,data/flipkart)

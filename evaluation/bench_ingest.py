@@ -103,7 +103,8 @@ def encoder_sweep(
         for bs in batch_sizes:
             row: dict[str, Any] = {"torch_threads": t, "batch_size": bs}
             for name, enc in encoders.items():
-                if enc is None:
+                # a backend text encoder runs one text per session run: no batch to sweep
+                if enc is None or not hasattr(enc, "batch_size"):
                     continue
                 items: list[Any] = list(texts if name == "text" else imgs)
                 old = enc.batch_size

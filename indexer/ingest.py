@@ -84,6 +84,13 @@ def decide(vitrine: Vitrine, events: Sequence[Event], photos: Sequence[bytes | N
         known = known_categories(state.view)  # the taxonomy's first levels
         emb = vitrine.embed([x for _, x in rows], state=state)
         fused = vitrine.fuse(emb, state=state)
+        # thumbnails (a second, small decode of the photo: JPEG at 1/8 scale, off the request
+        # path) and the near-duplicate check, for the whole batch at once
+        thumbs = [None if j in emb.failed else make_thumbnail(photos[i], limits)
+                  for j, (i, _) in enumerate(rows)]
+        thumb_tags = [etag(t) if t is not None else None for t in thumbs]
+        dups = find_duplicates(vitrine, fused, [x.id for _, x in rows], state, thumb_tags,
+                               tags)
         for j, (i, listing) in enumerate(rows):
             e = events[i]
             if j in emb.failed:
@@ -104,10 +111,7 @@ def decide(vitrine: Vitrine, events: Sequence[Event], photos: Sequence[bytes | N
             # the predicted path under the listing's category; a seller's category the vote
             # disagrees with has no known levels below it
             path = vote.category_path if category == vote.category else [category]
-            # a second, small decode of the photo (JPEG: at 1/8 scale), off the request path
-            jpeg = make_thumbnail(photos[i], limits)
-            tag = etag(jpeg) if jpeg is not None else None
-            duplicates = find_duplicates(vitrine, fused[j], listing.id, state, tag, tags)
+            jpeg, tag, duplicates = thumbs[j], thumb_tags[j], dups[j]
             status: dict[str, Any] = {
                 "status": "indexed", "version": e.version, "category": category,
                 "confidence": vote.confidence, "uncertain": vote.uncertain, "source": source,

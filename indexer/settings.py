@@ -17,7 +17,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # On CPU through the backends `vitrine bench encoders` measured fastest among the faithful
 # ones for these architectures (README, Fast encoders): both are full precision, so their
 # fidelity does not depend on the weights (int8's would, and the real weights of these two
-# cannot be measured offline). On a GPU, name the models without the suffix.
+# cannot be measured offline; on the offline MiniLM int8 also halved the out-of-catalog
+# flags). On a GPU the defaults drop their suffix (see _defaults_on_the_device).
 DEFAULT_TEXT_MODEL = "sentence-transformers/all-mpnet-base-v2+openvino"
 DEFAULT_IMAGE_MODEL = "open_clip:ViT-B-32@laion2b_s34b_b79k+onnx"
 

@@ -45,4 +45,6 @@ def test_ingest_bench_batched_vs_one_by_one(settings):
         r["stages_listings_per_s"])
     sweep = r["encoder_sweep"]
     assert {(row["torch_threads"], row["batch_size"]) for row in sweep} >= {(1, 1), (1, 8)}
-    assert all(row["text_per_s"] > 0 and row["image_per_s"] > 0 for row in sweep)
+    assert all(row["image_per_s"] > 0 for row in sweep)
+    # a text encoder on a backend runs one text per session run: no batch size to sweep
+    assert all("text_per_s" not in row for row in sweep)

@@ -245,13 +245,21 @@ def test_calibration_is_saved_and_read_back_as_data(built, held_out, tmp_path, s
         Vitrine.load(tmp_path, settings, registry)
 
 
-def test_far_from_the_catalog_is_uncertain(built):
-    """Products of categories the catalog does not hold are flagged, not given a confident
-    category (a few from evaluation/data/out_of_catalog.csv)."""
-    votes = built.classify_many([
-        Listing("o1", "Men's Leather Wallet Brown", "Bifold wallet with card slots"),
-        Listing("o2", "Bosch GSB 500W Impact Drill Machine", "Corded electric drill"),
-        Listing("o3", "Nike Revolution 5 Running Shoes For Men", "Mesh upper, lace up"),
-    ])
-    assert all(v.uncertain and v.uncertain_reason for v in votes), [
-        (v.category, v.confidence, v.uncertain_reason) for v in votes]
+def test_far_from_the_catalog_is_uncertain(built, small_catalog):
+    """Products of categories the catalog does not hold (evaluation/data/out_of_catalog.csv,
+    75 of 15 other categories) are mostly flagged, while listings of the catalog's own
+    categories keep a confident vote. The detection is not perfect (on the whole catalog
+    `vitrine bench core` flags 0.72 of them; on this 280-listing index 49 of 75): the bound
+    is under the measured rate and far above what a broken detector gives. (With the int8
+    text encoder only 27 of 75 were flagged: why the offline default is `+onnx`.)"""
+    from evaluation.bench_core import OUT_OF_CATALOG
+    from indexer.catalog import read_listings
+
+    far, _ = read_listings(OUT_OF_CATALOG)
+    votes = built.classify_many(far)
+    flagged = [v for v in votes if v.uncertain]
+    assert len(flagged) >= 0.5 * len(votes), [(v.category, v.confidence) for v in votes]
+    assert all(v.uncertain_reason for v in flagged)
+    # in-catalog: the catalog's own listings, each voted by the others
+    own = built.classify_many(small_catalog[::7])
+    assert sum(not v.uncertain for v in own) >= 0.8 * len(own)

@@ -16,7 +16,7 @@ DATA_DIR = SHARED / "data" / "flipkart-1050"
 CSV = DATA_DIR / "flipkart_com-ecommerce_sample_1050.csv"
 # the specs `make demo` runs (Makefile): the offline models on their CPU backends; tests of
 # the PyTorch path itself name the plain models
-TEXT_SPEC = f"{TEXT_MODEL}+onnx-int8"
+TEXT_SPEC = f"{TEXT_MODEL}+onnx"
 IMAGE_SPEC = f"torchvision:mobilenet_v2@{IMAGE_WEIGHTS}+onnx"
 
 

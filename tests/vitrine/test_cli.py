@@ -66,13 +66,13 @@ def small_index(small_csv):
     (d / "shared").symlink_to(TEXT_MODEL.parents[1])
     p = run("index", "--catalog", str(catalog), "--images", str(DATA_DIR / "images"),
             "--index", "index", "--bad-rows", "bad.csv", cwd=d,
-            VITRINE_TEXT_MODEL="shared/models/all-MiniLM-L6-v2+onnx-int8",
+            VITRINE_TEXT_MODEL="shared/models/all-MiniLM-L6-v2+onnx",
             VITRINE_IMAGE_MODEL="torchvision:mobilenet_v2@"
                                 "shared/models/mobilenet_v2_imagenet/model.safetensors+onnx")
     assert f"indexed {len(rows)} listings" in p.stdout
     manifest = json.loads(next((d / "index").glob("snap-*/manifest.json")).read_text())
     # recorded absolute (not relative to the folder it ran in), as `make` spells it
-    assert manifest["text_model"] == f"{d / 'shared/models/all-MiniLM-L6-v2'}+onnx-int8"
+    assert manifest["text_model"] == f"{d / 'shared/models/all-MiniLM-L6-v2'}+onnx"
     assert manifest["image_model"] == ("torchvision:mobilenet_v2@"
                                        f"{d / 'shared/models/mobilenet_v2_imagenet'}"
                                        "/model.safetensors+onnx")
