@@ -29,8 +29,7 @@ import numpy as np
 
 from .calibration import Calibration
 from .catalog import Listing, taxonomy_path
-from .encoders.backends import TORCH, split_backend
-from .encoders.registry import ModelRegistry, is_off
+from .encoders.registry import ModelRegistry, is_off, runs_in_torch
 from .encoders.text import TfidfEncoder, strip_boilerplate
 from .errors import ImageError, IndexMismatch, InvalidInput, NotFound
 from .fusion import Block, Fusion
@@ -370,9 +369,7 @@ class Vitrine:
 
         # a +onnx/+openvino encoder's lane runner has its own one thread; PyTorch's count is
         # process-wide, so it is set to one while PyTorch encoders run in lanes
-        torch_lanes = any(split_backend(spec)[1] == TORCH
-                          for spec in (self.text_spec, self.image_spec)
-                          if spec and spec.lower() != "tfidf")
+        torch_lanes = runs_in_torch(self.settings)
         with _single_torch_thread(self.settings.torch_threads) if torch_lanes else nullcontext():
             parts = list(_lane_pool(lanes).map(run, pieces))
         return Embedded.gather(parts, len(listings))

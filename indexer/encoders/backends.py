@@ -229,7 +229,7 @@ class BackendRunner:
     """
 
     def __init__(self, path: Path, backend: str, threads: int, *, lanes: int = 0) -> None:
-        self.path, self.backend, self.threads = path, backend, threads
+        self.path, self.backend = path, backend
         self._lane: BackendRunner | None = None
         self._lock = threading.Lock()
         self._local = threading.local()

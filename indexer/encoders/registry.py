@@ -334,6 +334,14 @@ def same_model(kind: str, a: str, b: str) -> bool:
         return False
 
 
+def runs_in_torch(settings: Settings) -> bool:
+    """Whether a configured model runs in PyTorch (no backend suffix; ``tfidf`` and ``none``
+    have no network): PyTorch's process-wide thread count then matters."""
+    specs = (settings.text_model, settings.image_model)
+    return any(not is_off(x) and x.strip().lower() != "tfidf"
+               and split_backend(x)[1] == "torch" for x in specs)
+
+
 class ModelRegistry:
     """Loaded encoders keyed by ``(kind, spec)``; one load per process, behind a lock."""
 
@@ -352,17 +360,13 @@ class ModelRegistry:
                 # with every model on a backend PyTorch only preprocesses photos, small
                 # tensor operations that one thread does best (more would oversubscribe
                 # the cores the backends' lanes already use)
-                configure_torch(self.settings.torch_threads if self._uses_torch() else 1)
+                configure_torch(self.settings.torch_threads if runs_in_torch(self.settings)
+                                else 1)
                 self._models[key] = load_encoder(
                     kind, spec, batch_size=self.settings.batch_size, device=self.settings.device,
                     export_root=self.settings.export_dir, threads=self.settings.torch_threads,
                 )
             return self._models[key]
-
-    def _uses_torch(self) -> bool:
-        specs = (self.settings.text_model, self.settings.image_model)
-        return any(not is_off(x) and x.strip().lower() != "tfidf"
-                   and split_backend(x)[1] == "torch" for x in specs)
 
     def text(self) -> Any | None:
         spec = self.settings.text_model

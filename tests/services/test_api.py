@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from indexer.runtime import Runtime
 from indexer.state.sqlite_store import SqliteStore
 from services.api import create_app
-from tests.support.service import b64, bomb_png, copy_seed, png, wait_until
+from tests.support.service import b64, bomb_png, copy_seed, png, settled, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -20,14 +20,6 @@ def _client(settings, registry, data_dir: Path, **kw):  # type: ignore[no-untype
     s = settings.model_copy(update={"data_dir": data_dir, "broker_url": None, **kw})
     rt = Runtime(s, registry)
     return TestClient(create_app(s, rt)), rt
-
-
-def _indexed(client: TestClient, lid: str, timeout: float = 30) -> dict:
-    def done():  # type: ignore[no-untyped-def]
-        r = client.get(f"/listings/{lid}")
-        return r.json() if r.status_code == 200 and r.json()["status"] != "queued" else None
-
-    return wait_until(done, timeout)  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +39,7 @@ def test_ingest_indexed_then_searchable(api) -> None:  # type: ignore[no-untyped
     })
     assert r.status_code == 202, r.text
     assert r.json()["status_url"].endswith("/listings/new-watch-1")
-    st = _indexed(client, "new-watch-1")
+    st = settled(client, "new-watch-1", 30)
     assert st["status"] == "indexed", st
     assert st["source"] == "predicted" and st["category"] == "Watches"
     assert st["category_path"][0] == "Watches"
@@ -69,7 +61,7 @@ def test_seller_label_kept_and_multipart(api) -> None:  # type: ignore[no-untype
                                        "category": "Home Furnishing"},
                     files={"image": ("t.png", png(color=(20, 90, 200)), "image/png")})
     assert r.status_code == 202, r.text
-    st = _indexed(client, "mp-1")
+    st = settled(client, "mp-1", 30)
     assert st["status"] == "indexed" and st["source"] == "seller"
     assert st["category"] == "Home Furnishing"
 
@@ -78,7 +70,7 @@ def test_resubmitting_an_id_replaces_it(api) -> None:  # type: ignore[no-untyped
     client, rt = api
     for title in ("Ceramic coffee mug", "Ceramic coffee mug, blue"):
         assert client.post("/listings", json={"id": "dup-1", "title": title}).status_code == 202
-        _indexed(client, "dup-1")
+        settled(client, "dup-1", 30)
     state = rt.replica.v.state()
     assert state.view.ids().count("dup-1") == 1
     assert state.meta("dup-1").title == "Ceramic coffee mug, blue"
@@ -126,7 +118,7 @@ def test_catalog_listing_status_has_its_path(api) -> None:  # type: ignore[no-un
 def test_delete(api) -> None:  # type: ignore[no-untyped-def]
     client, rt = api
     assert client.post("/listings", json={"id": "del-1", "title": "Wall clock"}).status_code == 202
-    _indexed(client, "del-1")
+    settled(client, "del-1", 30)
     r = client.delete("/listings/del-1")
     assert r.status_code == 200
     assert "del-1" not in rt.replica.v
@@ -242,7 +234,7 @@ def test_restart_keeps_everything(tmp_path, settings, registry, seed_dir) -> Non
         for i in range(3):
             client.post("/listings", json={"id": f"r{i}", "title": f"Steel water bottle {i}"})
         for i in range(3):
-            _indexed(client, f"r{i}")
+            settled(client, f"r{i}", 30)
         client.delete("/listings/r1")
         n = len(rt.replica.v)
     # a crash after the 202 of a listing, before any consumer took it: only the store has it
@@ -254,7 +246,7 @@ def test_restart_keeps_everything(tmp_path, settings, registry, seed_dir) -> Non
         t0 = time.monotonic()
         ids = rt2.replica.v.state().view.ids()
         assert {"r0", "r2"} <= set(ids) and "r1" not in ids
-        st = _indexed(client2, "late-1")
+        st = settled(client2, "late-1", 30)
         assert st["status"] == "indexed" and rt2.store.status("late-1")["version"] == late
         assert len(rt2.replica.v) == n + 1
         assert client2.get("/listings/r0").json()["status"] == "indexed"

@@ -13,7 +13,7 @@ from PIL import Image
 
 from indexer.runtime import Runtime
 from services.api import create_app
-from tests.support.service import b64, copy_seed, png, wait_until
+from tests.support.service import b64, copy_seed, png, settled
 
 pytestmark = pytest.mark.slow
 
@@ -26,20 +26,12 @@ def api(tmp_path_factory, settings, registry, seed_dir):  # type: ignore[no-unty
         yield client
 
 
-def _indexed(client: TestClient, lid: str) -> dict:
-    def done():  # type: ignore[no-untyped-def]
-        r = client.get(f"/listings/{lid}")
-        return r.json() if r.status_code == 200 and r.json()["status"] != "queued" else None
-
-    return wait_until(done, 60)  # type: ignore[no-any-return]
-
-
 def _post(client: TestClient, lid: str, title: str, photo: bytes | None) -> dict:
     body = {"id": lid, "title": title}
     if photo is not None:
         body["image_base64"] = b64(photo)
     assert client.post("/listings", json=body).status_code == 202
-    st = _indexed(client, lid)
+    st = settled(client, lid)
     assert st["status"] == "indexed", st
     return st
 

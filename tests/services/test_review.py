@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from indexer.catalog import make_listing
 from indexer.runtime import Runtime
 from services.api import create_app
-from tests.support.service import b64, copy_seed, png, seed_listings, wait_until
+from tests.support.service import b64, copy_seed, png, seed_listings, settled
 
 pytestmark = pytest.mark.slow
 
@@ -34,11 +34,7 @@ def seeded(small_catalog):  # type: ignore[no-untyped-def]
 def _post(client: TestClient, body: dict) -> dict:
     assert client.post("/listings", json=body).status_code == 202
 
-    def done():  # type: ignore[no-untyped-def]
-        r = client.get(f"/listings/{body['id']}")
-        return r.json() if r.status_code == 200 and r.json()["status"] != "queued" else None
-
-    st = wait_until(done, 60)
+    st = settled(client, body["id"])
     assert st["status"] == "indexed", st
     return st  # type: ignore[no-any-return]
 

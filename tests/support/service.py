@@ -75,6 +75,16 @@ def wait_until(cond: Callable[[], Any], timeout: float, every: float = 0.05) -> 
         time.sleep(every)
 
 
+def settled(client: Any, lid: str, timeout: float = 60) -> dict[str, Any]:
+    """The status of ``lid`` once it is no longer ``queued`` (``client``: a TestClient or
+    anything with its ``get``)."""
+    def done() -> dict[str, Any] | None:
+        r = client.get(f"/listings/{lid}")
+        return r.json() if r.status_code == 200 and r.json()["status"] != "queued" else None
+
+    return wait_until(done, timeout)  # type: ignore[no-any-return]
+
+
 class PhotoServer:
     """A local HTTP server of PNGs that holds the first request for each path until released."""
 
