@@ -59,6 +59,8 @@ LogEntry = dict[str, Any]
 # disagrees with a confident vote; the vote is uncertain; the seller's category is not in
 # the taxonomy; it is a near-duplicate of an indexed listing
 REVIEW_REASONS = ("mislabel", "uncertain", "unknown_category", "duplicate")
+# what a status record's ``status`` can be
+STATUSES = ("queued", "indexed", "failed", "deleted")
 
 
 class StoreUnavailable(VitrineError):

@@ -4,15 +4,23 @@ Keys, all under ``{prefix}:``:
 
 * ``version`` (INCR counter), ``latest`` (hash id -> latest version), ``status`` (hash id ->
   status JSON);
-* ``pending`` (zset id -> µs when claimable), ``events`` (hash id -> event JSON), and
-  ``photo:{id}:{version}`` (the photo bytes, for exactly as long as their event is pending);
+* ``pending`` (zset id -> µs when claimable), ``events`` (hash id -> event JSON);
 * ``log`` (a stream whose entry ids are ``<pos>-0``), ``logpos`` (its INCR counter),
   ``trimmed`` (trimmed_upto);
 * ``lease:{name}`` (the owner, expiring by PX);
 * ``thumb`` (hash id -> thumbnail JPEG) and ``thumbtag`` (hash id -> its etag), written by
   the commit of an indexed outcome and removed by a delete, in the same script;
 * ``review`` (zset id -> version: the review queue) and ``review:{reason}`` (one per
-  reason), updated by every script that writes a status.
+  reason), and ``bystatus:{status}`` (zset id -> version, one per status: what
+  ``status_ids`` pages and ``status_counts`` counts without scanning), updated by every
+  script that writes a status;
+* ``photos`` (hash ``{id}:{version}`` -> the photo bytes, for exactly as long as their event
+  is pending);
+* ``schema`` (the layout's number: :meth:`RedisStore.connect` upgrades an older one).
+
+Every key a script touches is one of its declared ``KEYS`` (Redis's rule for scripts, which
+a cluster enforces): the per-reason and per-status keys are a fixed list, and photos are
+fields of one hash rather than one key per event.
 
 Every write that must be atomic is one Lua script: Redis runs a script alone, so no other
 client sees it half done, and no MULTI/WATCH retry loop is needed. A script is all-or-nothing
@@ -40,6 +48,7 @@ from redis.retry import Retry
 
 from .model import (
     REVIEW_REASONS,
+    STATUSES,
     Claimed,
     Event,
     LogEntry,
@@ -55,6 +64,7 @@ from .model import (
 # writes anything, and pass like an outage: both are the "disk full" of Redis.
 _TRANSIENT = (ConnectionError, TimeoutError, BusyLoadingError, OutOfMemoryError, ReadOnlyError)
 
+SCHEMA = 2  # the key layout (1: photos as keys of their own, no per-status indexes)
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -93,20 +103,26 @@ def redact(url: str) -> str:
 _PRELUDE = """
 local K_VERSION, K_LATEST, K_STATUS, K_PENDING, K_EVENTS, K_LOG, K_LOGPOS, K_TRIMMED =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local K_THUMB, K_THUMBTAG, K_REVIEW = KEYS[9], KEYS[10], KEYS[11]
-local PHOTO = ARGV[1]
-local REASONS = {@REASONS@}
+local K_THUMB, K_THUMBTAG, K_REVIEW, K_PHOTOS = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local REASONS, STATUSES = {@REASONS@}, {@STATUSES@}
+local K_REASON, K_BYSTATUS = {}, {}
+for i, r in ipairs(REASONS) do K_REASON[r] = KEYS[12 + i] end
+for i, s in ipairs(STATUSES) do K_BYSTATUS[s] = KEYS[12 + #REASONS + i] end
 local function review_drop(id)
   redis.call('ZREM', K_REVIEW, id)
-  for _, r in ipairs(REASONS) do redis.call('ZREM', K_REVIEW .. ':' .. r, id) end
+  for _, r in ipairs(REASONS) do redis.call('ZREM', K_REASON[r], id) end
 end
--- a status write keeps the review queue in step (decoded only to read status and review)
-local function review_put(id, status_json)
-  review_drop(id)
+-- every status write goes through here: the status, its per-status index and the review
+-- queue change together (the JSON is decoded only to read status, version and review)
+local function put_status(id, status_json)
   local st = cjson.decode(status_json)
+  local v = string.format('%.0f', st.version)
+  redis.call('HSET', K_STATUS, id, status_json)
+  for _, s in ipairs(STATUSES) do redis.call('ZREM', K_BYSTATUS[s], id) end
+  redis.call('ZADD', K_BYSTATUS[st.status], v, id)
+  review_drop(id)
   if st.status == 'indexed' and type(st.review) == 'table' and #st.review > 0 then
-    local v = string.format('%.0f', st.version)
-    for _, r in ipairs(st.review) do redis.call('ZADD', K_REVIEW .. ':' .. r, v, id) end
+    for _, r in ipairs(st.review) do redis.call('ZADD', K_REASON[r], v, id) end
     redis.call('ZADD', K_REVIEW, v, id)
   end
 end
@@ -124,7 +140,7 @@ end
 local function drop_event(id)
   local v = pending_version(id)
   if v then
-    redis.call('DEL', PHOTO .. id .. ':' .. v)
+    redis.call('HDEL', K_PHOTOS, id .. ':' .. v)
     redis.call('HDEL', K_EVENTS, id)
     redis.call('ZREM', K_PENDING, id)
   end
@@ -134,30 +150,29 @@ local function log_append(json)
   redis.call('XADD', K_LOG, pos .. '-0', 'e', json)
   return pos
 end
-""".replace("@REASONS@", ", ".join(f"'{r}'" for r in REVIEW_REASONS))
+""".replace("@REASONS@", ", ".join(f"'{r}'" for r in REVIEW_REASONS)).replace(
+    "@STATUSES@", ", ".join(f"'{x}'" for x in STATUSES))
 
 _ACCEPT = """
-local id, has_photo = ARGV[2], ARGV[4] == '1'
+local id, has_photo = ARGV[1], ARGV[3] == '1'
 local v = redis.call('INCR', K_VERSION)
 drop_event(id)
-review_drop(id)
 redis.call('HSET', K_LATEST, id, v)
-redis.call('HSET', K_STATUS, id, cjson.encode({status = 'queued', version = v}))
+put_status(id, cjson.encode({status = 'queued', version = v}))
 redis.call('HSET', K_EVENTS, id,
   cjson.encode({version = v, attempts = 0, has_photo = has_photo, leased = false,
-                payload = ARGV[3]}))
+                payload = ARGV[2]}))
 make_claimable(id, now_us())
-if has_photo then redis.call('SET', PHOTO .. id .. ':' .. v, ARGV[5]) end
+if has_photo then redis.call('HSET', K_PHOTOS, id .. ':' .. v, ARGV[4]) end
 return v
 """
 
 _DELETE = """
-local id = ARGV[2]
+local id = ARGV[1]
 local v = redis.call('INCR', K_VERSION)
 drop_event(id)
-review_drop(id)
 redis.call('HSET', K_LATEST, id, v)
-redis.call('HSET', K_STATUS, id, cjson.encode({status = 'deleted', version = v}))
+put_status(id, cjson.encode({status = 'deleted', version = v}))
 redis.call('HDEL', K_THUMB, id)
 redis.call('HDEL', K_THUMBTAG, id)
 log_append(cjson.encode({op = 'delete', id = id, version = v}))
@@ -167,7 +182,7 @@ return v
 # Given-up events do not count against limit, so claimable ones are read again until limit
 # events are claimed; with lease_s == 0 a claimed event stays claimable, hence `seen`.
 _CLAIM = """
-local limit, lease_us, max_attempts = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local limit, lease_us, max_attempts = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = now_us()
 local out, seen, claimed, stayed = {}, {}, 0, 0
 while claimed < limit do
@@ -184,8 +199,7 @@ while claimed < limit do
                     or 'the last attempt was released for a retry'
         local status = cjson.encode({status = 'failed', version = ev.version,
           error = 'gave up after ' .. ev.attempts .. ' attempts: ' .. why})
-        redis.call('HSET', K_STATUS, id, status)
-        review_drop(id)
+        put_status(id, status)
         drop_event(id)
         out[#out + 1] = cjson.encode({id = id, version = ev.version, given_up = status})
       else
@@ -209,12 +223,11 @@ return out
 # status, entry ('' for none), thumbnail etag ('' to remove it) and bytes.
 _COMMIT = """
 local res = {}
-for i = 2, #ARGV, 6 do
+for i = 1, #ARGV, 6 do
   local id = ARGV[i]
   local ok = pending_version(id) == tonumber(ARGV[i + 1])
   if ok then
-    redis.call('HSET', K_STATUS, id, ARGV[i + 2])
-    review_put(id, ARGV[i + 2])
+    put_status(id, ARGV[i + 2])
     if ARGV[i + 3] ~= '' then
       log_append(ARGV[i + 3])
       if ARGV[i + 4] == '' then
@@ -233,10 +246,10 @@ return res
 """
 
 # The condition of StateStore.relabel (model.check_relabel says the same in Python). The
-# status and the entry come without "version" (ARGV 4, 5: JSON objects, never empty): it is
+# status and the entry come without "version" (ARGV 3, 4: JSON objects, never empty): it is
 # spliced into their text, so Lua never re-encodes them.
 _RELABEL = """
-local id, expected = ARGV[2], tonumber(ARGV[3])
+local id, expected = ARGV[1], tonumber(ARGV[2])
 local raw = redis.call('HGET', K_STATUS, id)
 local pending = redis.call('HEXISTS', K_EVENTS, id) == 1
 local cur = raw and cjson.decode(raw)
@@ -247,17 +260,16 @@ if not ok then
   return {0, version, cur and cur.status or '', pending and 1 or 0}
 end
 local v = redis.call('INCR', K_VERSION)
-local status = string.sub(ARGV[4], 1, -2) .. ', "version": ' .. v .. '}'
+local status = string.sub(ARGV[3], 1, -2) .. ', "version": ' .. v .. '}'
 redis.call('HSET', K_LATEST, id, v)
-redis.call('HSET', K_STATUS, id, status)
-review_put(id, status)
-log_append(string.sub(ARGV[5], 1, -2) .. ', "version": ' .. v .. '}')
+put_status(id, status)
+log_append(string.sub(ARGV[4], 1, -2) .. ', "version": ' .. v .. '}')
 return {1, v, '', 0}
 """
 
 _RELEASE = """
-local at, refund = now_us() + tonumber(ARGV[2]), ARGV[3] == '1'
-for i = 4, #ARGV, 2 do
+local at, refund = now_us() + tonumber(ARGV[1]), ARGV[2] == '1'
+for i = 3, #ARGV, 2 do
   local id, raw = ARGV[i], redis.call('HGET', K_EVENTS, ARGV[i])
   local ev = raw and cjson.decode(raw)
   if ev and ev.version == tonumber(ARGV[i + 1]) then
@@ -269,16 +281,24 @@ for i = 4, #ARGV, 2 do
 end
 """
 
+# the upgrade's re-index (see RedisStore._upgrade)
+_REINDEX = """
+for i = 1, #ARGV do
+  local raw = redis.call('HGET', K_STATUS, ARGV[i])
+  if raw then put_status(ARGV[i], raw) end
+end
+"""
+
 _APPEND = """
 local res = {}
-for i = 2, #ARGV do res[#res + 1] = log_append(ARGV[i]) end
+for i = 1, #ARGV do res[#res + 1] = log_append(ARGV[i]) end
 return res
 """
 
 # A snapshot cannot hold entries not appended yet: upto is capped at the last position, and
 # trimmed_upto never goes back.
 _TRIM = """
-local upto = math.min(tonumber(ARGV[2]), tonumber(redis.call('GET', K_LOGPOS) or 0))
+local upto = math.min(tonumber(ARGV[1]), tonumber(redis.call('GET', K_LOGPOS) or 0))
 if upto > tonumber(redis.call('GET', K_TRIMMED) or 0) then
   redis.call('XTRIM', K_LOG, 'MINID', (upto + 1) .. '-0')
   redis.call('SET', K_TRIMMED, upto)
@@ -311,9 +331,10 @@ class RedisStore:
         self._p = prefix
         self._keys = [f"{prefix}:{k}" for k in
                       ("version", "latest", "status", "pending", "events", "log", "logpos",
-                       "trimmed", "thumb", "thumbtag", "review")]
+                       "trimmed", "thumb", "thumbtag", "review", "photos",
+                       *(f"review:{r}" for r in REVIEW_REASONS),
+                       *(f"bystatus:{x}" for x in STATUSES))]
         self._log = f"{prefix}:log"
-        self._photo = f"{prefix}:photo:"
         # a blocked XREAD must answer before the socket times out, or it reads as an outage
         self._max_block_ms = int(timeout * 1000) + 4000
         def state(body: str) -> Any:
@@ -321,7 +342,7 @@ class RedisStore:
 
         self._accept, self._delete, self._claim = state(_ACCEPT), state(_DELETE), state(_CLAIM)
         self._commit, self._release = state(_COMMIT), state(_RELEASE)
-        self._relabel = state(_RELABEL)
+        self._relabel, self._reindex = state(_RELABEL), state(_REINDEX)
         self._append, self._trim = state(_APPEND), state(_TRIM)
         self._lease = client.register_script(_LEASE)
         self._unlease = client.register_script(_UNLEASE)
@@ -338,10 +359,51 @@ class RedisStore:
             client.close()
             raise StoreUnavailable(
                 f"cannot reach Redis at {redact(url)} within {timeout:g} s: {e}") from e
-        return cls(client, prefix, timeout)
+        store = cls(client, prefix, timeout)
+        store._upgrade()
+        return store
+
+    @_transient
+    def _upgrade(self) -> None:
+        """Bring keys written by an older vitrine to this layout (:data:`SCHEMA`): per-status
+        indexes built from the statuses, one key per pending photo moved into ``photos``.
+
+        Idempotent, and safe beside other processes (old or new) writing meanwhile: each
+        status is re-indexed by a script that reads it then (never from a stale copy), and
+        each photo moves in a WATCH transaction that does nothing if its event ended since.
+        """
+        key = f"{self._p}:schema"
+        if int(self._r.get(key) or 1) >= SCHEMA:
+            return
+        batch: list[str] = []
+        for lid, _ in self._r.hscan_iter(f"{self._p}:status", count=1000):
+            batch.append(lid.decode())
+            if len(batch) == 1000:
+                self._run(self._reindex, *batch)
+                batch = []
+        if batch:
+            self._run(self._reindex, *batch)
+        photos, events = f"{self._p}:photos", f"{self._p}:events"
+        for old in self._r.scan_iter(match=f"{self._p}:photo:*", count=1000):
+            field = old.decode()[len(f"{self._p}:photo:"):]
+            lid, _, version = field.rpartition(":")
+
+            def move(pipe: Any, old: bytes = old, field: str = field, lid: str = lid,
+                     version: str = version) -> None:
+                raw, event = pipe.get(old), pipe.hget(events, lid)
+                pipe.multi()
+                # only the photo of an event still pending at that version: any other is
+                # an orphan (layout 1 could leave one when a process died mid-way)
+                if raw is not None and event is not None and \
+                        str(json.loads(event)["version"]) == version:
+                    pipe.hset(photos, field, raw)
+                pipe.delete(old)
+
+            self._r.transaction(move, old, events)
+        self._r.set(key, SCHEMA)
 
     def _run(self, script: Any, *args: Any) -> Any:
-        return script(keys=self._keys, args=[self._photo, *args])
+        return script(keys=self._keys, args=list(args))
 
     # --- writes the API accepts -----------------------------------------------------------
     @_transient
@@ -389,7 +451,7 @@ class RedisStore:
     def photo(self, event: Event) -> bytes | None:
         if not event.has_photo:
             return None
-        raw = self._r.get(f"{self._photo}{event.id}:{event.version}")
+        raw = self._r.hget(f"{self._p}:photos", f"{event.id}:{event.version}")
         return cast(bytes | None, raw)
 
     @_transient
@@ -443,7 +505,11 @@ class RedisStore:
     @_transient
     def review_queue(self, reason: str | None, offset: int, limit: int
                      ) -> tuple[int, list[str]]:
-        key = f"{self._p}:review" + (f":{reason}" if reason else "")
+        return self._page(f"{self._p}:review" + (f":{reason}" if reason else ""), offset,
+                          limit)
+
+    def _page(self, key: str, offset: int, limit: int) -> tuple[int, list[str]]:
+        """A zset's size and its members ``offset .. offset + limit``, lowest score first."""
         if limit <= 0:
             return int(self._r.zcard(key)), []
         pipe = self._r.pipeline()  # MULTI/EXEC: the count and the page of one state
@@ -454,23 +520,16 @@ class RedisStore:
 
     @_transient
     def status_ids(self, status: str, offset: int, limit: int) -> tuple[int, list[str]]:
-        # HSCAN in pages, like status_counts: a full scan that never blocks Redis
-        found: list[tuple[int, str]] = []
-        for lid, raw in self._r.hscan_iter(f"{self._p}:status", count=1000):
-            st = json.loads(raw)
-            if st["status"] == status:
-                found.append((int(st["version"]), lid.decode()))
-        found.sort()
-        return len(found), [lid for _, lid in found[offset: offset + max(0, limit)]]
+        if status not in STATUSES:
+            return 0, []
+        return self._page(f"{self._p}:bystatus:{status}", offset, limit)
 
     @_transient
     def status_counts(self) -> dict[str, int]:
-        # HSCAN in pages: Redis keeps serving others between them (a script would block it)
-        counts: dict[str, int] = {}
-        for _, raw in self._r.hscan_iter(f"{self._p}:status", count=1000):
-            st = json.loads(raw)["status"]
-            counts[st] = counts.get(st, 0) + 1
-        return counts
+        pipe = self._r.pipeline()  # MULTI/EXEC: the counts of one state
+        for x in STATUSES:
+            pipe.zcard(f"{self._p}:bystatus:{x}")
+        return {x: int(n) for x, n in zip(STATUSES, pipe.execute(), strict=True) if n}
 
     # --- thumbnails -----------------------------------------------------------------------
     @_transient

@@ -38,6 +38,9 @@ from .model import (
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS statuses (id TEXT PRIMARY KEY, version INTEGER NOT NULL,
                                      status TEXT NOT NULL);
+-- status_ids pages and status_counts counts by status without reading every record
+CREATE INDEX IF NOT EXISTS statuses_by_status
+  ON statuses (json_extract(status, '$.status'), version);
 CREATE TABLE IF NOT EXISTS pending (id TEXT PRIMARY KEY, version INTEGER NOT NULL,
                                     payload TEXT NOT NULL, photo BLOB,
                                     attempts INTEGER NOT NULL DEFAULT 0,

@@ -172,3 +172,31 @@ def test_commit_is_atomic_against_a_concurrent_repost(store: RedisStore):
     assert len(log) == rounds + len(wins)
     assert store.status(lid) == {"status": "deleted", "version": versions[-1]}
     assert store.pending_count() == 0
+
+
+def test_connect_upgrades_the_first_key_layout(store: RedisStore):
+    """Keys written by a vitrine of layout 1 (statuses without per-status indexes, a pending
+    photo under a key of its own) are brought to this layout when a process connects: the
+    photo of a pending event is still there for its worker, the statuses are paged."""
+    client = redis.Redis.from_url(REDIS_URL)
+    p = store._p
+    try:
+        v = store.accept({"id": "a", "title": "a"}, b"photo of a")
+        store.accept({"id": "b", "title": "b"}, None)
+        # back to layout 1: the photo under its own key, no per-status index, no schema
+        client.hdel(f"{p}:photos", f"a:{v}")
+        client.set(f"{p}:photo:a:{v}", b"photo of a")
+        client.delete(f"{p}:bystatus:queued", f"{p}:schema")
+        client.set(f"{p}:photo:gone:7", b"photo of an event that ended")
+        upgraded = RedisStore.connect(REDIS_URL, p)
+        try:
+            assert upgraded.status_ids("queued", 0, 10) == (2, ["a", "b"])
+            e = next(x for x in upgraded.claim(10, 30, 5).events if x.id == "a")
+            assert upgraded.photo(e) == b"photo of a"
+            assert not list(client.scan_iter(match=f"{p}:photo:*"))
+            assert client.hkeys(f"{p}:photos") == [f"a:{v}".encode()]  # no orphan moved
+            assert client.get(f"{p}:schema") == b"2"
+        finally:
+            upgraded.close()
+    finally:
+        client.close()

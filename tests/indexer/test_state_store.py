@@ -540,6 +540,33 @@ def test_seeded_thumbnails_and_status_counts(store: StateStore):
     assert store.status_counts() == {"indexed": 1, "queued": 1, "deleted": 1}
 
 
+def test_status_ids_follow_every_status_write(store: StateStore):
+    """status_ids/status_counts come from an index kept by the writes themselves: each
+    transition (post, claim, commit, give up, re-post, delete, relabel) moves the id."""
+    va = post(store, "a")
+    post(store, "b")
+    post(store, "c")
+    assert store.status_ids("queued", 0, 10) == (3, ["a", "b", "c"])  # oldest version first
+    assert store.status_ids("queued", 1, 1) == (3, ["b"])
+    claim = store.claim(10, 30, 1)
+    assert store.commit([indexed("a", va)]) == [True]
+    store.release([e for e in claim.events if e.id == "b"])
+    given_up = store.claim(10, 30, 1).given_up  # b's one attempt is spent: it fails
+    assert [o.id for o in given_up] == ["b"]
+    store.delete("c")
+    assert store.status_ids("indexed", 0, 10) == (1, ["a"])
+    assert store.status_ids("failed", 0, 10) == (1, ["b"])
+    assert store.status_ids("queued", 0, 10) == (0, [])
+    assert store.status_counts() == {"indexed": 1, "failed": 1, "deleted": 1}
+    vb2 = post(store, "b")  # a re-post leaves failed for queued
+    assert store.status_ids("failed", 0, 10) == (0, []) and \
+        store.status_ids("queued", 0, 10) == (1, ["b"])
+    v = store.relabel("a", va, {"status": "indexed", "category": "Watches"},
+                      {"op": "label", "id": "a", "label": {"category": "Watches"}})
+    assert v > vb2 and store.status_ids("indexed", 0, 10) == (1, ["a"])
+    assert store.status_ids("nonsense", 0, 10) == (0, [])
+
+
 # --- the review queue and an operator's relabel ----------------------------------------------
 
 
