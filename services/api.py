@@ -16,16 +16,19 @@ carries a traceback or an internal address.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hmac
 import importlib.resources
+import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
@@ -70,7 +73,10 @@ from indexer.review import taxonomy
 from indexer.runtime import BACKLOG_RETRY_AFTER, Runtime
 from indexer.settings import Settings
 from indexer.state import StoreUnavailable
-from indexer.state.model import REVIEW_REASONS
+
+if TYPE_CHECKING:
+    from indexer.milvus import MilvusView
+from indexer.state.model import REVIEW_REASONS, STATUSES
 from indexer.thumbs import THUMB_TYPE
 
 from .bodies import (
@@ -304,6 +310,8 @@ class ListingsPage(BaseModel):
     offset: int
     limit: int
     items: list[ListingRow]
+    next: str | None = Field(None, description="The cursor of the next page (`after`); "
+                             "none when this page is the last")
 
 
 class ClassifyIn(_In):
@@ -426,17 +434,6 @@ class Metrics:
                                  "category", ["category"], registry=r)
         self.by_status = Gauge("vitrine_statuses", "Posted listings per status",
                                ["status"], registry=r)
-        self._counts: tuple[float, dict[str, int]] = (-1e9, {})
-
-    def status_counts(self, rt: Runtime) -> dict[str, int]:
-        """The store's counts by status, read at most every STATUS_COUNT_TTL seconds (a
-        full scan of the statuses: it must not run per request)."""
-        at, counts = self._counts
-        now = time.monotonic()
-        if now - at >= STATUS_COUNT_TTL:
-            counts = rt.store.status_counts()
-            self._counts = (now, counts)
-        return counts
 
     def collect(self, rt: Runtime) -> Stats:
         """The numbers, read once, set on the gauges too: /metrics and /stats agree."""
@@ -444,7 +441,7 @@ class Metrics:
         by_status: dict[str, int] = {}
         try:
             pending, lag = rt.store.pending_count(), rt.replica.lag()
-            by_status = self.status_counts(rt)
+            by_status = rt.store.status_counts()  # per-status indexes: no scan
             review = rt.store.review_queue(None, 0, 0)[0]  # a count (an index, a ZCARD)
         except StoreUnavailable:  # the gauges keep their last value
             pass
@@ -460,18 +457,19 @@ class Metrics:
         self.index_size.set(len(v))
         for c, n in by_category.items():
             self.by_category.labels(c).set(n)
-        for st, n in by_status.items():
-            self.by_status.labels(st).set(n)
+        if review is not None:  # the store answered: a status gone to none reads 0
+            for st in STATUSES:
+                self.by_status.labels(st).set(by_status.get(st, 0))
         return Stats(index_size=len(v), by_category=by_category, by_status=by_status,
                      pending=pending, lag=lag, review=review,
                      mode=rt.mode)  # type: ignore[arg-type]
 
 
-STATUS_COUNT_TTL = 5.0
 
-
-def category_counts(view: IndexView) -> dict[str, int]:
+def category_counts(view: IndexView | MilvusView) -> dict[str, int]:
     """Alive listings per first-level category of an index view (one bincount)."""
+    if not isinstance(view, IndexView):  # the vectors are in Milvus: counted there
+        return view.category_counts()
     n = view.n_slots
     codes = view.category[:n][view.alive[:n]]
     codes = codes[codes >= 0]
@@ -522,6 +520,19 @@ async def get_rt(request: Request) -> Runtime:
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_rt)]
+# one sorted copy of a view's ids, made on the first page read from that view: a view never
+# changes, and the next write publishes a new one (this entry goes with the old one)
+_ids_by_view: weakref.WeakKeyDictionary[IndexView | MilvusView, list[str]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _sorted_ids(view: IndexView | MilvusView) -> list[str]:
+    ids = _ids_by_view.get(view)
+    if ids is None:
+        ids = _ids_by_view[view] = sorted(view.ids())  # racing threads store equal lists
+    return ids
+
+
 PathId = Annotated[str, PathParam(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)]
 
 
@@ -597,7 +608,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 
     app.state.settings = settings
     app.state.metrics = metrics = Metrics()
-    taxonomy_cache: dict[str, tuple[IndexView, CategoriesOut]] = {}
+    taxonomy_cache: dict[str, tuple[IndexView | MilvusView, CategoriesOut]] = {}
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST", "PUT", "DELETE"],
@@ -677,57 +688,81 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     def list_listings(
         rt: RuntimeDep,
         status: Annotated[Literal["indexed", "queued", "failed"], Query(description=(
-            "`indexed`: the searchable listings (the seeded catalog's included), in the "
-            "order they were written; `queued`, `failed`: posted listings in that state, "
+            "`indexed`: the searchable listings (the seeded catalog's included), by id; "
+            "`queued`, `failed`: posted listings in that state, "
             "oldest first"))] = "indexed",
         category: Annotated[str | None, Query(max_length=MAX_TITLE_CHARS, description=(
             "Only under this category, any level of the path, any case (as in /search); "
             "indexed listings only"))] = None,
         source: Annotated[Source | None, Query(description="Only with this `source`; "
                                                "indexed listings only")] = None,
-        offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+        after: Annotated[str | None, Query(max_length=MAX_ID_CHARS, description=(
+            "A cursor: the `next` of the previous page. Pages read by cursor neither skip "
+            "nor repeat a listing while others are written"))] = None,
+        offset: Annotated[int, Query(ge=0, le=10_000_000, description=(
+            "Listings to skip (after the cursor, when one is given)"))] = 0,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> ListingsPage:
         if status != "indexed":
             if category or source:
                 raise InvalidInput("category and source filter indexed listings only")
-            total, ids = rt.store.status_ids(status, offset, limit)
+            if after is not None and not after.isdigit():
+                raise InvalidInput(f"after: {after!r} is not a cursor of {status} listings")
+            total, page = rt.store.status_ids(status, offset, limit, int(after or 0))
             rows = [ListingRow(id=lid, status=st["status"], version=st["version"],
                                error=st.get("error"))
-                    for lid, st in zip(ids, rt.store.statuses(ids), strict=True)
+                    for (lid, _), st in zip(page, rt.store.statuses([x for x, _ in page]),
+                                            strict=True)
                     if st is not None and st["status"] == status]
-            return ListingsPage(total=total, offset=offset, limit=limit, items=rows)
+            # the cursor is the page's last version: versions only grow, so a listing that
+            # leaves the status (or comes back, with a new version) shifts no later page
+            return ListingsPage(total=total, offset=offset, limit=limit, items=rows,
+                                next=str(page[-1][1]) if len(page) == limit else None)
         view = rt.replica.v.state().view
         cf = category_filter(category, view.categories) if category else None
         if cf is not None and cf.impossible:
             return ListingsPage(total=0, offset=offset, limit=limit, items=[])
-        payloads = [(lid, view.payload(lid)) for lid in view.ids()]
-        if source:
-            payloads = [(lid, p) for lid, p in payloads if p.get("source", "seller") == source]
-        # a predicted listing's path is in its status (one read for all of them)
-        predicted = [lid for lid, p in payloads if not p.get("category_path")]
-        paths = {lid: list((st or {}).get("category_path") or [])
-                 for lid, st in zip(predicted, rt.store.statuses(predicted), strict=True)}
-        for lid, p in payloads:
-            paths[lid] = list(p.get("category_path") or paths.get(lid) or
-                              ([p["category"]] if p.get("category") else []))
-        if cf is not None:
-            payloads = [(lid, p) for lid, p in payloads if cf.matches(paths[lid])]
-        page = payloads[offset: offset + limit]
-        statuses = rt.store.statuses([lid for lid, _ in page])
+
+        def matching(ids: list[str]) -> Iterator[tuple[str, dict[str, Any], list[str]]]:
+            """The listings of ``ids`` that pass the filters, with their paths."""
+            for i in range(0, len(ids), 500):
+                chunk = [(lid, view.payload(lid)) for lid in ids[i: i + 500]]
+                if source:
+                    chunk = [(x, p) for x, p in chunk if p.get("source", "seller") == source]
+                # a predicted listing's path is in its status (one read per chunk)
+                predicted = [x for x, p in chunk if not p.get("category_path")]
+                paths = {x: list((st or {}).get("category_path") or [])
+                         for x, st in zip(predicted, rt.store.statuses(predicted), strict=True)}
+                for x, p in chunk:
+                    path = list(p.get("category_path") or paths.get(x) or
+                                ([p["category"]] if p.get("category") else []))
+                    if cf is None or cf.matches(path):
+                        yield x, p, path
+
+        # by id: the one order a write leaves alone (a relabel or a re-post gives a listing a
+        # new slot, which moved it in write order and shifted every later page)
+        ordered = _sorted_ids(view)
+        start = bisect.bisect_right(ordered, after) if after is not None else 0
+        found = list(itertools.islice(matching(ordered[start:]), offset, offset + limit + 1))
+        more = len(found) > limit
+        rows_of = found[:limit]
+        filtered = cf is not None or source is not None
+        total = sum(1 for _ in matching(ordered)) if filtered else len(ordered)
+        statuses = rt.store.statuses([lid for lid, _, _ in rows_of])
         items = []
-        for (lid, p), st in zip(page, statuses, strict=True):
+        for (lid, p, path), st in zip(rows_of, statuses, strict=True):
             st = st if st is not None and st.get("status") == "indexed" else None
             labelled = p.get("category") is not None and \
                 p.get("source") not in ("predicted", "unconfirmed")
             items.append(ListingRow(
                 id=lid, status="indexed",
                 version=rt.replica.versions.get(lid, st["version"] if st else 0),
-                title=p.get("title"), category=p.get("category"), category_path=paths[lid],
+                title=p.get("title"), category=p.get("category"), category_path=path,
                 source=p.get("source", "seller"),
                 confidence=st.get("confidence") if st else (1.0 if labelled else None),
                 uncertain=st.get("uncertain") if st else (False if labelled else None)))
-        return ListingsPage(total=len(payloads), offset=offset, limit=limit, items=items)
+        return ListingsPage(total=total, offset=offset, limit=limit, items=items,
+                            next=rows_of[-1][0] if more else None)
 
     @app.get("/listings/{listing_id}", response_model=ListingStatus, name="get_listing",
              operation_id="get_listing", response_model_exclude_none=True,

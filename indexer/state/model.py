@@ -168,14 +168,18 @@ class StateStore(Protocol):
         :data:`REVIEW_REASONS`), oldest version first."""
         ...
 
-    def status_ids(self, status: str, offset: int, limit: int) -> tuple[int, list[str]]:
-        """``(total, ids)``: a page of the listings whose status is ``status``, oldest
-        version first. Redis scans every status for it: an operator's read, not a hot path."""
+    def status_ids(self, status: str, offset: int, limit: int, after: int = 0
+                   ) -> tuple[int, list[tuple[str, int]]]:
+        """``(total, [(id, version)])``: a page of the listings whose status is ``status``,
+        oldest version first, from those with a version above ``after`` (a cursor: the last
+        version of the previous page, so that listings leaving the status meanwhile shift
+        nothing) and past ``offset`` of them; ``total`` counts every one. From an index
+        the status writes keep: no scan."""
         ...
 
     def status_counts(self) -> dict[str, int]:
         """How many listings have each status (``queued``, ``indexed``, ``failed``,
-        ``deleted``); listings of a seeded catalog have none. A full scan: cache it."""
+        ``deleted``); listings of a seeded catalog have none. From the same index."""
         ...
 
     # --- thumbnails -----------------------------------------------------------------------

@@ -519,10 +519,17 @@ class RedisStore:
         return int(total), [i.decode() for i in ids]
 
     @_transient
-    def status_ids(self, status: str, offset: int, limit: int) -> tuple[int, list[str]]:
+    def status_ids(self, status: str, offset: int, limit: int, after: int = 0
+                   ) -> tuple[int, list[tuple[str, int]]]:
         if status not in STATUSES:
             return 0, []
-        return self._page(f"{self._p}:bystatus:{status}", offset, limit)
+        key = f"{self._p}:bystatus:{status}"
+        pipe = self._r.pipeline()  # MULTI/EXEC: the count and the page of one state
+        pipe.zcard(key)
+        pipe.zrangebyscore(key, f"({int(after)}", "+inf", start=int(offset),
+                           num=max(0, int(limit)), withscores=True)
+        total, rows = pipe.execute()
+        return int(total), [(lid.decode(), int(v)) for lid, v in rows] if limit > 0 else []
 
     @_transient
     def status_counts(self) -> dict[str, int]:

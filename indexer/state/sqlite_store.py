@@ -317,14 +317,16 @@ class SqliteStore:
                                 [*args, int(limit), int(offset)]).fetchall()
         return int(total), [str(r[0]) for r in rows]
 
-    def status_ids(self, status: str, offset: int, limit: int) -> tuple[int, list[str]]:
+    def status_ids(self, status: str, offset: int, limit: int, after: int = 0
+                   ) -> tuple[int, list[tuple[str, int]]]:
         with self._tx(write=False) as conn:
             total = conn.execute("SELECT COUNT(*) FROM statuses WHERE "
                                  "json_extract(status, '$.status') = ?", (status,)).fetchone()[0]
-            rows = conn.execute("SELECT id FROM statuses WHERE json_extract(status, '$.status')"
-                                " = ? ORDER BY version, id LIMIT ? OFFSET ?",
-                                (status, int(limit), int(offset))).fetchall()
-        return int(total), [str(r[0]) for r in rows]
+            rows = conn.execute("SELECT id, version FROM statuses WHERE "
+                                "json_extract(status, '$.status') = ? AND version > ? "
+                                "ORDER BY version LIMIT ? OFFSET ?",
+                                (status, int(after), max(0, int(limit)), int(offset))).fetchall()
+        return int(total), [(str(r[0]), int(r[1])) for r in rows]
 
     def status_counts(self) -> dict[str, int]:
         with self._tx(write=False) as conn:

@@ -250,6 +250,33 @@ def test_list_listings_paged_and_filtered(api) -> None:  # type: ignore[no-untyp
     assert api.get("/listings", params={"status": "deleted"}).status_code == 422
 
 
+def test_list_listings_by_cursor_skip_and_repeat_nothing(api) -> None:  # type: ignore[no-untyped-def]
+    """Relabelling listings between pages (a new slot each: the write order changes) leaves
+    a read by cursor whole: every listing once."""
+    everything = [x["id"] for x in api.get("/listings", params={"limit": 1000}).json()["items"]]
+    assert everything == sorted(everything)  # by id
+    seen: list[str] = []
+    after = None
+    while True:
+        page = api.get("/listings", params={"limit": 50, **({"after": after} if after else {})})
+        assert page.status_code == 200, page.text
+        body = page.json()
+        seen += [x["id"] for x in body["items"]]
+        if len(seen) == 50:  # between pages: relabel one read already and one not yet read
+            for lid in (seen[0], everything[-1]):
+                st = api.get(f"/listings/{lid}").json()
+                r = api.put(f"/listings/{lid}/category",
+                            json={"category_path": ["Watches"], "version": st["version"]},
+                            headers={"X-API-Key": api.app.state.settings.api_key or ""})
+                assert r.status_code == 200, r.text
+        after = body["next"]
+        if after is None:
+            break
+    assert seen == everything
+    queued = api.get("/listings", params={"status": "queued", "after": "x"})
+    assert queued.status_code == 422  # not a cursor of that list
+
+
 @pytest.fixture
 def on_redis(tmp_path, settings, registry, seed_dir):  # type: ignore[no-untyped-def]
     """Redis mode without Celery: an API process (its app and replica) and a "worker" (a

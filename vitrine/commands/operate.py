@@ -57,12 +57,13 @@ def rows(server: str, params: dict[str, str]) -> Iterator[dict[str, Any]]:
     headers = {"X-API-Key": key} if key else {}
     logging.getLogger("httpx").setLevel(logging.WARNING)
     loopback = (urlsplit(url).hostname or "") in {"127.0.0.1", "localhost", "::1"}
-    offset = 0
+    after: str | None = None
     with httpx.Client(timeout=httpx.Timeout(60.0, connect=2.0), trust_env=not loopback) as c:
         while True:
+            cursor = {"after": after} if after is not None else {}
             try:
                 r = c.get(f"{url}/listings", headers=headers,
-                          params={**params, "offset": offset, "limit": PAGE})
+                          params={**params, **cursor, "limit": PAGE})
             except httpx.HTTPError as e:
                 raise VitrineError(f"no vitrine server answers at {url} ({e})") from None
             try:
@@ -75,9 +76,9 @@ def rows(server: str, params: dict[str, str]) -> Iterator[dict[str, Any]]:
                         if r.status_code == 401 else "")
                 raise VitrineError(f"{url}/listings answered {r.status_code}: {detail}{hint}")
             yield from page["items"]
-            offset += len(page["items"])
-            # a listing written meanwhile may shift a page: the total says when to stop
-            if not page["items"] or offset >= page["total"]:
+            # page by cursor: listings written meanwhile shift nothing, none is read twice
+            after = page.get("next")
+            if after is None:
                 return
 
 
