@@ -182,7 +182,8 @@ class ListingStatus(BaseModel):
         "Why it waits in the review queue (GET /review); absent once an operator set its "
         "category"))
     corrections: list[Correction] | None = Field(None, description=(
-        "Operators' category writes, oldest first (PUT /listings/{id}/category)"))
+        "Operators' category writes, oldest first (PUT /listings/{id}/category); kept "
+        "when the listing is posted again"))
 
 
 class Deleted(BaseModel):
@@ -868,16 +869,20 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
                       "category_path": path, "previous": previous}
         # the review is over and the label is the operator's: it votes from now on
         status = {k: v for k, v in st.items()
-                  if k not in ("review", "evidence", "uncertain_reason", "version")}
+                  if k not in ("review", "evidence", "uncertain_reason", "version",
+                               "corrections")}
         status.update(category=path[0], category_path=path, source="confirmed",
-                      confidence=1.0, uncertain=False, path_confidence=[1.0] * len(path),
-                      corrections=[*st.get("corrections", [])[-(MAX_CORRECTIONS - 1):],
-                                   correction])
+                      confidence=1.0, uncertain=False, path_confidence=[1.0] * len(path))
+        # the history is the store's, kept across re-posts (a status written before it was
+        # kept apart still holds its own)
+        history = rt.store.corrections(listing_id) or st.get("corrections") or []
+        history = [*history[-(MAX_CORRECTIONS - 1):], correction]
         label = {"category": path[0], "category_path": path, "source": "confirmed"}
         # conditional on the version the operator saw (the store checks it atomically with
-        # the write): never a read-modify-write that could overwrite a newer change
+        # the write, the history included): never a read-modify-write that could overwrite
+        # a newer change
         version = rt.store.relabel(listing_id, q.version, status,
-                                   {"op": "label", "id": listing_id, "label": label})
+                                   {"op": "label", "id": listing_id, "label": label}, history)
         rt.replica.wait_version(listing_id, version, timeout=5)  # read-your-writes here
         return _status_out(request, rt, listing_id, {**status, "version": version})
 
@@ -1048,6 +1053,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 def _status_out(request: Request, rt: Runtime, lid: str, st: dict[str, Any]) -> ListingStatus:
     """A status record of the store as the API shows it, with its photo's URL."""
     fields = {k: st.get(k) for k in ListingStatus.model_fields if k in st}
+    if st["status"] in ("queued", "indexed"):
+        fields["corrections"] = rt.store.corrections(lid) or st.get("corrections") or None
     if st["status"] == "indexed" and "title" not in fields:  # indexed before titles
         meta = rt.replica.v.state().meta(lid)
         fields["title"] = meta.title if meta is not None else None

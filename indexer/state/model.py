@@ -120,13 +120,21 @@ class StateStore(Protocol):
         version. Whether the id is known is the caller's question."""
         ...
 
-    def relabel(self, lid: str, expected: int, status: Status, entry: LogEntry) -> int:
+    def relabel(self, lid: str, expected: int, status: Status, entry: LogEntry,
+                corrections: Sequence[dict[str, Any]] | None = None) -> int:
         """An operator's category write, conditional on ``expected``: if the listing's latest
         version is ``expected`` and it is ``indexed`` (or ``expected`` is 0 and it has no
         status at all: a listing of the seeded catalog, which the caller checked exists) and
         no post of it is pending, then take the next version, write ``status`` and append
-        ``entry`` with it (both get ``"version"``), atomically, and return it. Else change
-        nothing and raise :class:`~indexer.errors.VersionConflict`."""
+        ``entry`` with it (both get ``"version"``), and replace the listing's
+        :meth:`corrections` with ``corrections`` (None: leave them), atomically, and return
+        the version. Else change nothing and raise :class:`~indexer.errors.VersionConflict`."""
+        ...
+
+    def corrections(self, lid: str) -> list[dict[str, Any]]:
+        """The operators' category writes of a listing, oldest first: an audit trail kept
+        across its re-posts (a re-post is voted again, but who corrected what stays), gone
+        with a delete."""
         ...
 
     # --- the ingest use case --------------------------------------------------------------

@@ -16,6 +16,8 @@ Keys, all under ``{prefix}:``:
   script that writes a status;
 * ``photos`` (hash ``{id}:{version}`` -> the photo bytes, for exactly as long as their event
   is pending);
+* ``corrections`` (hash id -> JSON list: operators' category writes, kept across re-posts,
+  removed by a delete);
 * ``schema`` (the layout's number: :meth:`RedisStore.connect` upgrades an older one).
 
 Every key a script touches is one of its declared ``KEYS`` (Redis's rule for scripts, which
@@ -103,11 +105,12 @@ def redact(url: str) -> str:
 _PRELUDE = """
 local K_VERSION, K_LATEST, K_STATUS, K_PENDING, K_EVENTS, K_LOG, K_LOGPOS, K_TRIMMED =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local K_THUMB, K_THUMBTAG, K_REVIEW, K_PHOTOS = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local K_THUMB, K_THUMBTAG, K_REVIEW = KEYS[9], KEYS[10], KEYS[11]
+local K_PHOTOS, K_CORRECTIONS = KEYS[12], KEYS[13]
 local REASONS, STATUSES = {@REASONS@}, {@STATUSES@}
 local K_REASON, K_BYSTATUS = {}, {}
-for i, r in ipairs(REASONS) do K_REASON[r] = KEYS[12 + i] end
-for i, s in ipairs(STATUSES) do K_BYSTATUS[s] = KEYS[12 + #REASONS + i] end
+for i, r in ipairs(REASONS) do K_REASON[r] = KEYS[13 + i] end
+for i, s in ipairs(STATUSES) do K_BYSTATUS[s] = KEYS[13 + #REASONS + i] end
 local function review_drop(id)
   redis.call('ZREM', K_REVIEW, id)
   for _, r in ipairs(REASONS) do redis.call('ZREM', K_REASON[r], id) end
@@ -173,6 +176,7 @@ local v = redis.call('INCR', K_VERSION)
 drop_event(id)
 redis.call('HSET', K_LATEST, id, v)
 put_status(id, cjson.encode({status = 'deleted', version = v}))
+redis.call('HDEL', K_CORRECTIONS, id)
 redis.call('HDEL', K_THUMB, id)
 redis.call('HDEL', K_THUMBTAG, id)
 log_append(cjson.encode({op = 'delete', id = id, version = v}))
@@ -264,6 +268,7 @@ local status = string.sub(ARGV[3], 1, -2) .. ', "version": ' .. v .. '}'
 redis.call('HSET', K_LATEST, id, v)
 put_status(id, status)
 log_append(string.sub(ARGV[4], 1, -2) .. ', "version": ' .. v .. '}')
+if ARGV[5] ~= '' then redis.call('HSET', K_CORRECTIONS, id, ARGV[5]) end
 return {1, v, '', 0}
 """
 
@@ -331,7 +336,7 @@ class RedisStore:
         self._p = prefix
         self._keys = [f"{prefix}:{k}" for k in
                       ("version", "latest", "status", "pending", "events", "log", "logpos",
-                       "trimmed", "thumb", "thumbtag", "review", "photos",
+                       "trimmed", "thumb", "thumbtag", "review", "photos", "corrections",
                        *(f"review:{r}" for r in REVIEW_REASONS),
                        *(f"bystatus:{x}" for x in STATUSES))]
         self._log = f"{prefix}:log"
@@ -419,14 +424,16 @@ class RedisStore:
         return int(self._run(self._delete, lid))
 
     @_transient
-    def relabel(self, lid: str, expected: int, status: Status, entry: LogEntry) -> int:
+    def relabel(self, lid: str, expected: int, status: Status, entry: LogEntry,
+                corrections: Sequence[dict[str, Any]] | None = None) -> int:
         body = json.dumps({k: v for k, v in status.items() if k != "version"})
         # the entry is about the listing whose version is checked, whatever it said
         raw_entry = encode_entry({**{k: v for k, v in entry.items() if k != "version"},
                                   "id": lid})
         _check_review(lid, status)
+        history = "" if corrections is None else json.dumps(list(corrections))
         ok, version, current, pending = self._run(self._relabel, lid, int(expected), body,
-                                                  raw_entry)
+                                                  raw_entry, history)
         if ok:
             return int(version)
         state = current.decode() if isinstance(current, bytes) else str(current)
@@ -494,6 +501,11 @@ class RedisStore:
     @_transient
     def status(self, lid: str) -> Status | None:
         return self.statuses([lid])[0]
+
+    @_transient
+    def corrections(self, lid: str) -> list[dict[str, Any]]:
+        raw = self._r.hget(f"{self._p}:corrections", lid)
+        return cast(list[dict[str, Any]], json.loads(raw)) if raw is not None else []
 
     @_transient
     def statuses(self, lids: Sequence[str]) -> list[Status | None]:

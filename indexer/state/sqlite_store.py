@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .model import (
     Claimed,
@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('version', 0), ('trimmed_upto', 0), ('last_pos', 0);
 CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, owner TEXT NOT NULL,
                                    expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS corrections (id TEXT PRIMARY KEY, history TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS thumbs (id TEXT PRIMARY KEY, etag TEXT NOT NULL, jpeg BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS review (id TEXT NOT NULL, reason TEXT NOT NULL,
                                    version INTEGER NOT NULL, PRIMARY KEY (id, reason));
@@ -203,10 +204,12 @@ class SqliteStore:
             self._put_status(conn, lid, {"status": "deleted", "version": v})
             conn.execute("DELETE FROM pending WHERE id = ?", (lid,))
             conn.execute("DELETE FROM thumbs WHERE id = ?", (lid,))
+            conn.execute("DELETE FROM corrections WHERE id = ?", (lid,))
             self._append(conn, [{"op": "delete", "id": lid, "version": v}])
         return v
 
-    def relabel(self, lid: str, expected: int, status: Status, entry: LogEntry) -> int:
+    def relabel(self, lid: str, expected: int, status: Status, entry: LogEntry,
+                corrections: Sequence[dict[str, Any]] | None = None) -> int:
         with self._tx() as conn:
             row = conn.execute("SELECT status FROM statuses WHERE id = ?", (lid,)).fetchone()
             pending = conn.execute("SELECT 1 FROM pending WHERE id = ?", (lid,)).fetchone()
@@ -217,7 +220,16 @@ class SqliteStore:
             self._put_status(conn, lid, {**status, "version": v})
             # the entry is about the listing whose version was checked, whatever it said
             self._append(conn, [{**entry, "id": lid, "version": v}])
+            if corrections is not None:
+                conn.execute("INSERT OR REPLACE INTO corrections VALUES (?, ?)",
+                             (lid, json.dumps(list(corrections))))
         return v
+
+    def corrections(self, lid: str) -> list[dict[str, Any]]:
+        with self._tx(write=False) as conn:
+            row = conn.execute("SELECT history FROM corrections WHERE id = ?",
+                               (lid,)).fetchone()
+        return cast(list[dict[str, Any]], json.loads(row[0])) if row is not None else []
 
     # --- the ingest use case --------------------------------------------------------------
     def claim(self, limit: int, lease_s: float, max_attempts: int) -> Claimed:

@@ -605,6 +605,25 @@ def test_review_queue_follows_every_status_write(backend: Backend, store: StateS
     assert store.review_queue(None, 0, 10) == (1, ["d"])
 
 
+def test_corrections_outlive_a_repost_and_go_with_a_delete(store: StateStore):
+    v = post(store, "a")
+    store.claim(10, 30, 5)
+    assert store.commit([indexed("a", v)]) == [True]
+    one = {"by": "ana", "category_path": ["Watches"]}
+    store.relabel("a", v, {"status": "indexed", "category": "Watches"},
+                  {"op": "label", "id": "a", "label": {"category": "Watches"}}, [one])
+    assert store.corrections("a") == [one] and store.corrections("b") == []
+    from indexer.errors import VersionConflict
+
+    with pytest.raises(VersionConflict):  # a refused write changes no history either
+        store.relabel("a", v, {"status": "indexed"}, {"op": "label", "id": "a", "label": {}},
+                      [one, one])
+    post(store, "a")  # a re-post: a new version, voted again, the history kept
+    assert store.corrections("a") == [one]
+    store.delete("a")
+    assert store.corrections("a") == []
+
+
 def test_relabel_is_conditional_on_the_version_the_operator_saw(store: StateStore):
     from indexer.errors import VersionConflict
 

@@ -99,6 +99,10 @@ def test_suspected_mislabel_is_reviewed_and_corrected_with_a_versioned_write(api
     assert after["ml-1"]["category"] == "Watches" and after["ml-1"]["category_path"] == path
     hits = api.post("/search", json={"text": title, "k": 3}).json()["results"]
     assert next(h for h in hits if h["id"] == "ml-1")["category_path"] == path
+    # the seller posts it again: voted again, the operator's correction stays on record
+    reposted = _post(api, {"id": "ml-1", "title": title, "category": st["category"]})
+    assert reposted["version"] > done["version"]
+    assert [c["by"] for c in reposted["corrections"]] == ["ana"]
 
 
 def _categories(api: TestClient) -> dict[str, int]:
