@@ -206,6 +206,30 @@ def operating_points(votes: list[Vote], right: np.ndarray, ooc: list[Vote]
     return rows
 
 
+def out_of_catalog_votes(v: Vitrine) -> tuple[list[Listing], dict[str, list[Vote]]]:
+    """The hand-written out-of-catalog products (:data:`OUT_OF_CATALOG`) voted against
+    ``v`` (an index of the whole catalog, with its calibration), whole and by title only."""
+    ooc, _ = read_listings(OUT_OF_CATALOG)
+    return ooc, {"full": v.classify_many(ooc), "title": v.classify_many(title_only(ooc))}
+
+
+def out_of_catalog_report(ooc: list[Listing], votes: dict[str, list[Vote]]
+                          ) -> dict[str, Any]:
+    """How many of the out-of-catalog products were flagged ``uncertain``, why, and the
+    ones that were not (what a confident wrong category looks like)."""
+    return {
+        "listings": len(ooc), "data": str(OUT_OF_CATALOG.name),
+        **{f"flagged_{mode}": round(float(np.mean([x.uncertain for x in vs])), 4)
+           for mode, vs in votes.items()},
+        "reasons": {mode: {r: sum(x.uncertain_reason == r for x in vs)
+                           for r in ("out_of_catalog", "low_confidence", "no_neighbours")}
+                    for mode, vs in votes.items()},
+        "missed": [{"title": x.title, "category": vt.category,
+                    "confidence": round(vt.confidence, 3)}
+                   for x, vt in zip(ooc, votes["full"], strict=True) if not vt.uncertain],
+    }
+
+
 def _mean_dicts(runs: list[Any]) -> Any:
     """Element-wise mean of equally shaped JSON-like results (numbers averaged)."""
     first = runs[0]
@@ -221,6 +245,38 @@ def _mean_dicts(runs: list[Any]) -> Any:
     if isinstance(first, bool) or not isinstance(first, int | float):
         return first
     return round(float(np.mean(runs)), 4)
+
+
+def reduction_cost(
+    listings: list[Listing],
+    emb: Embedded,
+    settings: Settings,
+    registry: ModelRegistry,
+    *,
+    folds: int,
+    repeats: int,
+    seed: int,
+) -> dict[str, Any]:
+    """What the approximate index's reduction (``ann_reduce``) costs the fused vote.
+
+    The catalog is below ``exact_max``, so the approximate kind is forced (``exact_max=0``)
+    twice, with the vectors whole and reduced: the difference is the reduction's alone (an
+    IVF over a few hundred listings loses some neighbours of its own, in both).
+    """
+    fused = {"fused_vote": VARIANTS["fused"]}
+    out: dict[str, Any] = {}
+    for name, reduce in (("ann_whole", "none"), ("ann_reduced", settings.ann_reduce)):
+        s = settings.model_copy(update={"exact_max": 0, "ann_reduce": reduce})
+        runs = [cross_validate(listings, emb, s, registry, folds=folds, seed=seed + r,
+                               variants=fused)["fused_vote"] for r in range(repeats)]
+        out[name] = {
+            "ann": settings.ann, "reduce": reduce,
+            "macro_f1": round(float(np.mean([r["macro_f1"] for r in runs])), 4),
+            "macro_f1_per_repeat": [round(r["macro_f1"], 4) for r in runs],
+        }
+    out["cost_macro_f1"] = round(out["ann_whole"]["macro_f1"] - out["ann_reduced"]["macro_f1"],
+                                 4)
+    return out
 
 
 def _rate(n: int, seconds: float) -> float:
@@ -278,6 +334,8 @@ def run_core_bench(
     runs = [cross_validate(listings, emb, settings, registry, folds=folds, seed=seed + r)
             for r in range(repeats)]
     cv_s = time.perf_counter() - t0
+    reduction = reduction_cost(listings, emb, settings, registry, folds=folds,
+                               repeats=repeats, seed=seed)
     cv = {
         name: {
             metric: round(float(np.mean([r[name][metric] for r in runs])), 4)
@@ -314,9 +372,7 @@ def run_core_bench(
         v.vote_vector(fused[i], exclude=listings[i].id)
         vote_ms.append((time.perf_counter() - t0) * 1e3)
 
-    # Out-of-catalog listings against the whole catalog's index (and its calibration).
-    ooc, _ = read_listings(OUT_OF_CATALOG)
-    ooc_votes = {"full": v.classify_many(ooc), "title": v.classify_many(title_only(ooc))}
+    ooc, ooc_votes = out_of_catalog_votes(v)
     in_catalog = {
         mode: {
             "paths": _mean_dicts([path_accuracy(listings, r[mode]) for r in path_runs]),
@@ -329,17 +385,7 @@ def run_core_bench(
         }
         for mode in ("full", "title")
     }
-    out_of_catalog = {
-        "listings": len(ooc), "data": str(OUT_OF_CATALOG.name),
-        **{f"flagged_{mode}": round(float(np.mean([x.uncertain for x in vs])), 4)
-           for mode, vs in ooc_votes.items()},
-        "reasons": {mode: {r: sum(x.uncertain_reason == r for x in vs)
-                           for r in ("out_of_catalog", "low_confidence", "no_neighbours")}
-                    for mode, vs in ooc_votes.items()},
-        "missed": [{"title": x.title, "category": vt.category,
-                    "confidence": round(vt.confidence, 3)}
-                   for x, vt in zip(ooc, ooc_votes["full"], strict=True) if not vt.uncertain],
-    }
+    out_of_catalog = out_of_catalog_report(ooc, ooc_votes)
 
     def pct(xs: list[float]) -> dict[str, float]:
         return {"p50": round(float(np.percentile(xs, 50)), 3),
@@ -357,6 +403,8 @@ def run_core_bench(
                 "uncertain_below": settings.uncertain_below},
         "cv": {"folds": folds, "repeats": repeats, "first_seed": seed,
                "seconds": round(cv_s, 1), "results": cv},
+        # the approximate index with and without its reduction, on the same folds
+        "reduction": reduction,
         # the "fused" product vote, out of fold, on whole listings and on title-only copies
         "paths": {"folds": folds, "repeats": repeats, "seconds": round(paths_s, 1),
                   "path_min_share": settings.path_min_share,

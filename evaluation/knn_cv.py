@@ -34,40 +34,6 @@ def cosine_knn_cv(x: np.ndarray, y: np.ndarray, *, k: int = 10, folds: int = 5,
             "knn_macro_f1": float(f1_score(y, p, average="macro"))}
 
 
-def vitrine_vote_cv(
-    listings: Sequence[Listing], emb: Embedded, settings: Settings, registry: ModelRegistry,
-    *, folds: int = 5, seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Out-of-fold predictions and confidences of ``Vitrine.vote_vector`` (index + vote).
-
-    Everything fitted (lexical TF-IDF/LSA, centring means) is fitted on the training folds.
-    """
-    from sklearn.model_selection import StratifiedKFold
-
-    y = np.array([x.category for x in listings])
-    pred = np.empty(len(y), dtype=object)
-    conf = np.zeros(len(y))
-    has_text = np.array([bool(x.title or x.description) for x in listings])
-    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(y, y):
-        v = Vitrine(settings, registry)
-        v.fit_lexical([listings[i] for i in tr])
-        vectors, present = dict(emb.vectors), dict(emb.present)
-        if v.lexical is not None:
-            vectors["lexical"] = v.lexical.encode([lexical_text(x) for x in listings])
-            present["lexical"] = has_text
-        sub = Embedded({k: a[tr] for k, a in vectors.items()},
-                       {k: a[tr] for k, a in present.items()})
-        v.build_from_embedded([listings[i] for i in tr], sub)
-        assert v.fusion is not None
-        fused = v.fusion.fuse({k: vectors[k][te] for k in v.fusion.names},
-                              {k: present[k][te] for k in v.fusion.names})
-        for r, i in enumerate(te):
-            vote = v.vote_vector(fused[r], exclude=listings[i].id)
-            pred[i] = vote.category
-            conf[i] = vote.confidence
-    return pred.astype(str), conf
-
-
 def title_only(listings: Sequence[Listing]) -> list[Listing]:
     """Copies of ``listings`` with their title only: no description, no photo, no label."""
     return [Listing(id=x.id, title=x.title) for x in listings]

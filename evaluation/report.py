@@ -138,6 +138,35 @@ def confusion_figure(cm: np.ndarray, names: list[str], title: str, xlabel: str) 
     return _png(fig)
 
 
+def reliability_figure(paths: dict[str, Any]) -> str:
+    """Reliability curves (accuracy per confidence bin) of the raw vote share and of the
+    calibrated confidence, whole listings and title-only copies side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [(m, t) for m, t in (("full", "whole listings"), ("title", "titles only"))
+             if m in paths]
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.6 * len(modes), 4.0), squeeze=False)
+    for ax, (mode, title) in zip(axes[0], modes, strict=True):
+        conf = paths[mode]["confidence"]
+        ax.plot([0, 1], [0, 1], color="0.7", lw=1, ls="--", label="perfectly calibrated")
+        for key, label, style in (("raw", "raw vote share", "o-"),
+                                  ("calibrated", "calibrated", "s-")):
+            curve = conf[f"reliability_{key}"]
+            ax.plot([b["confidence"] for b in curve], [b["accuracy"] for b in curve], style,
+                    ms=4, label=f"{label} (ECE {conf[f'ece_{key}']:.3f})")
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def bar_figure(metrics: dict[str, Any]) -> str:
     import matplotlib
 
@@ -230,6 +259,7 @@ def write_report(path: Path, *, metrics: dict[str, Any], per_feature: dict[str, 
         clf_confusion, names, "CNN classifier, validation split", "predicted")
     figures["vote_confusion"] = confusion_figure(
         vote_confusion, names, "kNN vote, out-of-fold", "predicted")
+    figures["reliability"] = reliability_figure(m["paths"]) if "paths" in m else None
 
     rows = []
     for s in suspects[:shown]:
@@ -247,6 +277,7 @@ def write_report(path: Path, *, metrics: dict[str, Any], per_feature: dict[str, 
         views=m["classifier"].get("cached_views", 0),
         sp_method=_sentence(sp["method"].split(": ", 1)[-1]) if sp else "",
         preprocessing=preprocessing, history=history, figures=figures,
-        suspects=rows, n_suspects=len(suspects),
+        suspects=rows, n_suspects=len(suspects), paths=m.get("paths"),
+        ooc=m.get("out_of_catalog"),
     )
     path.write_text(page, encoding="utf-8")

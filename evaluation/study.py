@@ -23,7 +23,7 @@ import numpy as np
 from indexer.catalog import Listing, read_listings
 from indexer.encoders.registry import ModelRegistry
 from indexer.images import ImageLimits, load_photo
-from indexer.pipeline import Embedded, semantic_text
+from indexer.pipeline import Embedded, Vitrine, lexical_text, semantic_text
 from indexer.settings import Settings
 
 from . import features as F
@@ -165,8 +165,14 @@ def run_study(cfg: StudyConfig, settings: Settings,
     from sklearn.cluster import KMeans
 
     from . import report
+    from .bench_core import (
+        confidence_report,
+        out_of_catalog_report,
+        out_of_catalog_votes,
+        path_accuracy,
+    )
     from .classifier import fine_tune
-    from .knn_cv import cosine_knn_cv, vitrine_vote_cv
+    from .knn_cv import cosine_knn_cv, path_vote_cv, title_only
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -206,7 +212,14 @@ def run_study(cfg: StudyConfig, settings: Settings,
                 bar.update(len(images[i : i + 50]))
         return F.bovw_features(desc, seed=cfg.seed)
 
+    def encode_titles() -> np.ndarray:
+        enc = registry.get("text", settings.text_model)
+        with _bar(len(listings), "sentence model, titles", cfg.progress) as bar:
+            return enc.encode([semantic_text(x) for x in title_only(listings)],
+                              progress=bar.update)
+
     feats["sentence"] = cache.get("sentence", settings.text_model, encode_text)
+    titles = cache.get("title_sentence", settings.text_model, encode_titles)
     feats["orb_bovw"] = cache.get("orb_bovw", "orb400-bovw256-v1", orb)
     feats["cnn"] = cache.get("cnn", settings.image_model, encode_image)
     fused = F.fuse_blocks({k: feats[k] for k in cfg.fusion_weights}, cfg.fusion_weights)
@@ -290,8 +303,14 @@ def run_study(cfg: StudyConfig, settings: Settings,
         {"text": feats["sentence"], "image": feats["cnn"]},
         {"text": np.ones(len(y), bool), "image": has_photo.copy()},
     )
-    vote_pred, vote_conf = vitrine_vote_cv(listings, emb, settings, registry,
-                                           folds=cfg.folds, seed=cfg.seed)
+    # out-of-fold votes of whole listings and of title-only copies (each fold's index
+    # fitting its own lexical view, centring and calibration): the first level for the
+    # study's comparison, the paths and the confidence for the section on them
+    votes = path_vote_cv(listings, emb, Embedded({"text": titles},
+                                                 {"text": np.ones(len(y), bool)}),
+                         settings, registry, folds=cfg.folds, seed=cfg.seed)
+    vote_pred = np.array([v.category or "" for v in votes["full"]])
+    vote_conf = np.array([v.confidence for v in votes["full"]])
     from sklearn.metrics import accuracy_score, f1_score
 
     knn_cv = {"accuracy": float(accuracy_score(y, vote_pred)),
@@ -301,6 +320,16 @@ def run_study(cfg: StudyConfig, settings: Settings,
     for a, b in zip(y, vote_pred, strict=True):
         if b in names:
             vote_confusion[names.index(a), names.index(b)] += 1
+    paths = {mode: {"paths": path_accuracy(listings, vs), "confidence":
+                    confidence_report(listings, vs)} for mode, vs in votes.items()}
+    # products of none of the catalog's categories, against an index of the whole catalog
+    whole = Vitrine(settings, registry)
+    whole.fit_lexical(listings)
+    if whole.lexical is not None:
+        emb.vectors["lexical"] = whole.lexical.encode([lexical_text(x) for x in listings])
+        emb.present["lexical"] = np.array([bool(x.title or x.description) for x in listings])
+    whole.build_from_embedded(listings, emb)
+    out_of_catalog = out_of_catalog_report(*out_of_catalog_votes(whole))
     timings["knn_cv"] = time.perf_counter() - t
 
     # --- suspects -------------------------------------------------------------------
@@ -340,6 +369,9 @@ def run_study(cfg: StudyConfig, settings: Settings,
                        "val_size": int(len(va)), "seconds": round(clf.seconds, 1),
                        "from_cache": clf_cached},
         "knn_cv": knn_cv,
+        "paths": {"folds": cfg.folds, "path_min_share": settings.path_min_share,
+                  "ooc_quantile": settings.ooc_quantile, **paths},
+        "out_of_catalog": out_of_catalog,
         "suspects": len(suspects),
         "dataset": {"listings": len(y), "categories": names,
                     "with_photo": int(has_photo.sum())},

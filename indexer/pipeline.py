@@ -20,10 +20,10 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -36,8 +36,8 @@ from .fusion import Block, Fusion
 from .images import Photo, image_limits, load_photo
 from .index import (
     IndexConfig,
-    IndexView,
     VectorIndex,
+    VectorView,
     current_snapshot,
     read_snapshot,
     write_snapshot,
@@ -52,11 +52,16 @@ from .knn import (
 )
 from .settings import Settings
 
+if TYPE_CHECKING:
+    from .milvus import MilvusIndex
+
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
 # 2: fitted state as data (fusion.json/.npz, lexical.json/.npz) and library versions in the
 # manifest; 1 (refused): the fitted state pickled in fusion.pkl
-SNAPSHOT_FORMAT = 2
+# 3: the index's per-slot tables as files a process maps (indexer.index.LAYOUT 2); 2 (ids and
+# payloads in slots.json) is still read. A vitrine that reads only 2 refuses a 3 cleanly.
+SNAPSHOT_FORMAT = 3
 _T = TypeVar("_T")
 CHUNK = 256  # listings decoded and encoded at a time: bounds memory for decoded photos
 PHOTO_GROUP = 32  # decoded photos held at most before they are encoded (~128 MiB)
@@ -127,7 +132,7 @@ class State:
 
     fusion: Fusion
     lexical: TfidfEncoder | None
-    view: IndexView
+    view: VectorView
     calibration: Calibration | None = None
 
     def meta(self, listing_id: str) -> ListingMeta | None:
@@ -144,7 +149,7 @@ class _Core:
 
     fusion: Fusion | None = None
     lexical: TfidfEncoder | None = None
-    index: VectorIndex | None = None
+    index: VectorIndex | MilvusIndex | None = None
     calibration: Calibration | None = None  # fitted with the index it was fitted on
 
 
@@ -244,7 +249,7 @@ class Vitrine:
         return self._core.fusion
 
     @property
-    def index(self) -> VectorIndex | None:
+    def index(self) -> VectorIndex | MilvusIndex | None:
         return self._core.index
 
     @property
@@ -311,6 +316,7 @@ class Vitrine:
             exact_max=s.exact_max,
             ann=s.ann,
             nprobe=s.nprobe,
+            reduce=s.ann_reduce,
             hnsw_m=s.hnsw_m,
             hnsw_ef_construction=s.hnsw_ef_construction,
             hnsw_ef_search=s.hnsw_ef_search,
@@ -537,7 +543,19 @@ class Vitrine:
         if not blocks:
             raise InvalidInput("no modality is configured: set a text or an image model")
         fusion = Fusion(blocks)
-        self._core = _Core(fusion, None, VectorIndex(fusion.dim, self._index_config()))
+        index: VectorIndex | MilvusIndex
+        if self.settings.vector_store == "faiss":
+            index = VectorIndex(fusion.dim, self._index_config())
+        else:
+            from .milvus import MilvusIndex
+
+            index = MilvusIndex.open(self.settings, fusion)
+        self._core = _Core(fusion, None, index)
+
+    def keep_vectors_in(self, index: MilvusIndex) -> None:
+        """Serve the vectors from ``index`` from now on, fusion and calibration kept (a
+        catalog built here, copied to Milvus: :func:`indexer.milvus.move_to_milvus`)."""
+        self._core = replace(self._core, index=index)
 
     def apply(self, upserts: Sequence[Upsert], deletes: Sequence[str] = ()) -> int:
         """Upsert ``(id, fused vector, metadata)`` and delete ids, published as one version.
@@ -809,11 +827,11 @@ class Vitrine:
                 "in fusion.pkl), which vitrine no longer loads since unpickling it would run "
                 "whatever code the file holds: rebuild the index with `vitrine index`"
             )
-        if fmt != SNAPSHOT_FORMAT:
+        if fmt not in (2, SNAPSHOT_FORMAT):
             raise IndexMismatch(
-                f"the index in {root} has snapshot format {fmt!r}; this vitrine reads format "
-                f"{SNAPSHOT_FORMAT}: rebuild the index with `vitrine index` or run the vitrine "
-                "that wrote it"
+                f"the index in {root} has snapshot format {fmt!r}; this vitrine reads formats "
+                f"2 and {SNAPSHOT_FORMAT}: rebuild the index with `vitrine index` or run the "
+                "vitrine that wrote it"
             )
         assert isinstance(manifest, dict)
         for key, mine in (("text_model", self.text_spec), ("image_model", self.image_spec)):
@@ -835,8 +853,25 @@ class Vitrine:
         if "lexical" in fusion.names and not (lexical is not None and lexical.fitted):
             raise IndexMismatch(f"snapshot {snap} has a lexical block but no fitted lexical "
                                 "view: rebuild the index with `vitrine index`")
+        index: VectorIndex | MilvusIndex
+        marker = _read_json(snap / "index.json")
+        store = marker.get("store", "faiss") if isinstance(marker, dict) else "faiss"
+        if (store == "milvus") != (self.settings.vector_store != "faiss"):
+            raise IndexMismatch(
+                f"the index in {root} keeps its vectors in {store}, but VITRINE_VECTOR_STORE "
+                f"is {self.settings.vector_store.split('://')[0]}: configure the store it was "
+                "seeded with, or seed a new data dir")
         try:
-            index = VectorIndex.read(snap, self._index_config())
+            if store == "milvus":
+                from .milvus import MilvusIndex
+
+                index = MilvusIndex.open(self.settings, fusion, create=False)
+                if index.name != marker.get("collection"):
+                    raise IndexMismatch(f"snapshot {snap} names the Milvus collection "
+                                        f"{marker.get('collection')!r}, these settings "
+                                        f"{index.name!r} (another VITRINE_REDIS_PREFIX?)")
+            else:
+                index = VectorIndex.read(snap, self._index_config())
         except FileNotFoundError:
             raise
         except (OSError, ValueError, KeyError, TypeError, IndexError, EOFError, RuntimeError) as e:

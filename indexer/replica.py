@@ -19,6 +19,10 @@ the committer's included, applies the entries.
 * **Snapshots.** One process at a time (a lease in the store) writes a snapshot of its
   replica, only when it is caught up and ahead of the published one, and then trims the log
   up to the snapshot's position: never past what the published snapshot holds.
+
+With ``VITRINE_VECTOR_STORE=milvus://...`` (:func:`open_replica`) a process holds no copy:
+:class:`indexer.milvus.MilvusReplica` applies the same entries, by the same rules, to one
+Milvus, from one process at a time.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +56,7 @@ class Replica:
         self.store = store
         self.v = vitrine  # replaced whole on reload; readers take self.v.state() once
         extra = getattr(vitrine, "extra", {}) or {}
-        self.pos = int(extra.get("log_pos", 0))
+        self.pos: int = int(extra.get("log_pos", 0))
         # versions of the listings held and of deletes (tombstones), from the snapshot on
         self.versions: dict[str, int] = {k: int(x) for k, x in extra.get("versions", {}).items()}
         self.applied = 0
@@ -88,6 +93,7 @@ class Replica:
         upserts: dict[str, tuple[str, np.ndarray, ListingMeta]] = {}
         deletes: set[str] = set()
         changed: dict[str, int] = {}
+        held = self._stored_versions([e["id"] for _, e in batch if "id" in e])
         applied = 0
         for pos, e in batch:
             applied += 1
@@ -102,7 +108,7 @@ class Replica:
                 batch = []
                 break
             lid, version = e["id"], int(e["version"])
-            if version <= changed.get(lid, self.versions.get(lid, -1)):
+            if version <= changed.get(lid, held.get(lid, -1)):
                 continue  # a newer write of this listing is already here
             if op == "upsert" and len(e["vec"]) != self.dim:
                 # built against another fusion layout (a seed replaced it meanwhile): it
@@ -138,6 +144,10 @@ class Replica:
         with self._cond:
             self.applied += applied
             self._since_snapshot += applied
+
+    def _stored_versions(self, ids: Sequence[str]) -> Mapping[str, int]:
+        """The versions of ``ids`` the index holds (this replica's; Milvus's there)."""
+        return self.versions
 
     def _labelled(self, lid: str, label: dict[str, Any],
                   upserts: dict[str, tuple[str, np.ndarray, ListingMeta]]
@@ -216,6 +226,11 @@ class Replica:
                 f"snapshot holds only up to {self.pos}"
             )
 
+    def version_of(self, lid: str) -> int:
+        """The version of ``lid`` the index holds, a delete's included (-1: none)."""
+        with self._cond:
+            return self.versions.get(lid, -1)
+
     def wait_version(self, lid: str, version: int, timeout: float = 1.0) -> bool:
         """Block until this replica holds ``lid`` at ``version`` or newer."""
         with self._cond:
@@ -249,6 +264,10 @@ class Replica:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+
+    def close(self) -> None:
+        """Let go of what this replica holds outside the process, after :meth:`stop` (with
+        FAISS, nothing: see :class:`indexer.milvus.MilvusReplica`)."""
 
     @property
     def stalled(self) -> bool:
@@ -319,6 +338,16 @@ class Replica:
             return True
         finally:
             self.store.unlease(SNAPSHOT_LEASE, self._owner)
+
+
+def open_replica(settings: Settings, store: StateStore, registry: Any = None) -> Replica:
+    """The replica of the configured vector store (``VITRINE_VECTOR_STORE``): a copy of the
+    FAISS index, or a handle on the vectors in Milvus (:mod:`indexer.milvus`)."""
+    if settings.vector_store == "faiss":
+        return Replica.open(settings, store, registry)
+    from .milvus import MilvusReplica
+
+    return MilvusReplica.open(settings, store, registry)
 
 
 def _published_pos(root: Path) -> int:

@@ -26,7 +26,7 @@ import numpy as np
 from .knn import Vote
 
 if TYPE_CHECKING:
-    from .index import IndexView
+    from .index import VectorView
     from .pipeline import State, Vitrine
 
 DUPLICATE_CANDIDATES = 5  # nearest listings looked at for a duplicate
@@ -40,33 +40,25 @@ def category_key(name: str) -> str:
     return " ".join(name.split()).casefold()
 
 
-def _labelled_slots(view: IndexView) -> np.ndarray:
-    n = view.n_slots
-    return np.flatnonzero(view.alive[:n] & view.labelled[:n])
-
-
-def known_categories(view: IndexView) -> dict[str, str]:
+def known_categories(view: VectorView) -> dict[str, str]:
     """The taxonomy's first levels, by :func:`category_key`: the names of the categories
     that at least one alive, labelled listing of ``view`` has."""
-    codes = np.unique(view.category[: view.n_slots][_labelled_slots(view)])
-    names = {code: name for name, code in view.categories.items()}
-    return {category_key(names[c]): names[c] for c in codes.tolist() if c in names}
+    return {category_key(c): c for c in view.labelled_categories()}
 
 
-def taxonomy(view: IndexView) -> tuple[dict[tuple[str, ...], int], dict[str, int]]:
+def taxonomy(view: VectorView) -> tuple[dict[tuple[str, ...], int], dict[str, int]]:
     """``(paths, unconfirmed)``: labelled listings under each category path (every prefix
     of every labelled path counts once per listing), and unconfirmed sellers' categories
     with their listings."""
+    labelled = view.listing_payloads(labelled=True)
+    others = view.listing_payloads(labelled=False)
     paths: dict[tuple[str, ...], int] = {}
-    for s in _labelled_slots(view).tolist():
-        p = view.payloads[s] or {}
+    for p in labelled:
         levels = tuple(p.get("category_path") or ([p["category"]] if p.get("category") else []))
         for depth in range(1, len(levels) + 1):
             paths[levels[:depth]] = paths.get(levels[:depth], 0) + 1
     unconfirmed: dict[str, int] = {}
-    n = view.n_slots
-    for s in np.flatnonzero(view.alive[:n] & ~view.labelled[:n]).tolist():
-        p = view.payloads[s] or {}
+    for p in others:
         if p.get("source") == "unconfirmed" and p.get("category"):
             unconfirmed[p["category"]] = unconfirmed.get(p["category"], 0) + 1
     return paths, unconfirmed

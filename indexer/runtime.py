@@ -27,7 +27,7 @@ from .encoders.registry import ModelRegistry
 from .errors import Overloaded, VitrineError, public_reason
 from .ingest import Ingestor
 from .remote import fetch_image, url_policy
-from .replica import Replica
+from .replica import open_replica
 from .settings import Settings
 from .state import StateStore, StoreUnavailable, open_store
 
@@ -70,7 +70,7 @@ class Runtime:
         self.registry = registry or ModelRegistry(settings)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = store or open_store(settings)
-        self.replica = Replica.open(settings, self.store, self.registry)
+        self.replica = open_replica(settings, self.store, self.registry)
         self.ingestor = Ingestor(settings, self.store, lambda: self.replica.v, self._fetch)
         # called after each accepted post: wakes whoever consumes (Celery message, thread)
         self.notify: Callable[[str, int], None] | None = None
@@ -116,6 +116,10 @@ class Runtime:
             self.replica.maybe_snapshot(force=True)
         except VitrineError as e:
             log.warning("no snapshot at shutdown: %s", e)
+        try:
+            self.replica.close()  # with Milvus: hand the writer lease on now, not at its TTL
+        except VitrineError as e:
+            log.warning("closing the vector store: %s", e)
         self.store.close()
 
     def _consume(self) -> None:
@@ -227,6 +231,10 @@ def seed(settings: Settings, store: StateStore, catalog: Path, images: Path | No
     v = Vitrine(settings, registry)
     with progress(len(listings)) if progress else nullcontext(None) as update:
         v.build(listings, update)
+    if settings.vector_store != "faiss":
+        from .milvus import move_to_milvus
+
+        move_to_milvus(v, settings)  # before the snapshot that names its collection
     v.save(root, {"log_pos": 0, "versions": {}})
     thumbs = _seed_thumbnails(settings, store, listings)
     [pos] = store.append([{"op": "reload"}])

@@ -109,6 +109,14 @@ class Settings(BaseSettings):
         "ivf_sq8", description="The approximate index used past exact_max."
     )
     nprobe: int = Field(32, ge=1, description="IVF lists visited per query.")
+    ann_reduce: str = Field(
+        "pca512", pattern=r"^(none|pca[1-9][0-9]*)$",
+        description="What the approximate index does to a fused vector first: `pca<d>` "
+        "projects it on its d leading principal components (fitted with the index on the "
+        "catalog; 1792-d fused vectors then cost ~560 bytes a listing instead of ~1.8 kB, "
+        "for some recall: see docs/scale.md), `none` keeps it whole. The exact index is "
+        "never reduced."
+    )
     hnsw_m: int = Field(32, ge=4, le=128)
     hnsw_ef_search: int = Field(64, ge=8)
     hnsw_ef_construction: int = Field(80, ge=8)
@@ -140,6 +148,11 @@ class Settings(BaseSettings):
     # --- state and service ----------------------------------------------------------------
     data_dir: Path = Field(Path("var"), description="Where index, snapshots and logs live.")
     broker_url: str | None = Field(None, description="redis://... ; unset = embedded mode.")
+    vector_store: str = Field(
+        "faiss", pattern=r"^(faiss|milvus://[^\s/:]+:\d+)$",
+        description="Where the vectors live: 'faiss' (each process holds its replica of the "
+        "index) or 'milvus://HOST:PORT' (a Milvus server holds them for every process; "
+        "indexer/milvus.py).")
     api_key: str | None = Field(
         None, description="Key for the write endpoints (X-API-Key); required in production.")
     read_api_key: str | None = Field(

@@ -28,9 +28,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
@@ -66,16 +65,13 @@ from indexer.errors import (
     VitrineError,
 )
 from indexer.filters import category_filter
-from indexer.index import IndexView
+from indexer.index import VectorView
 from indexer.knn import Neighbour, PathStop, UncertainReason
 from indexer.remote import MAX_URL_LENGTH, check_url, url_policy
 from indexer.review import taxonomy
 from indexer.runtime import BACKLOG_RETRY_AFTER, Runtime
 from indexer.settings import Settings
 from indexer.state import StoreUnavailable
-
-if TYPE_CHECKING:
-    from indexer.milvus import MilvusView
 from indexer.state.model import REVIEW_REASONS, STATUSES
 from indexer.thumbs import THUMB_TYPE
 
@@ -448,7 +444,7 @@ class Metrics:
             pass
         v = rt.replica.v
         view = v.state().view
-        by_category = category_counts(view)
+        by_category = view.category_counts()
         if pending is not None:
             self.pending.set(pending)
         if lag is not None:
@@ -465,18 +461,6 @@ class Metrics:
                      pending=pending, lag=lag, review=review,
                      mode=rt.mode)  # type: ignore[arg-type]
 
-
-
-def category_counts(view: IndexView | MilvusView) -> dict[str, int]:
-    """Alive listings per first-level category of an index view (one bincount)."""
-    if not isinstance(view, IndexView):  # the vectors are in Milvus: counted there
-        return view.category_counts()
-    n = view.n_slots
-    codes = view.category[:n][view.alive[:n]]
-    codes = codes[codes >= 0]
-    counts = np.bincount(codes) if len(codes) else np.zeros(0, np.int64)
-    names = {code: name for name, code in view.categories.items()}
-    return {names[i]: int(c) for i, c in enumerate(counts.tolist()) if c and i in names}
 
 
 # --- access --------------------------------------------------------------------------------
@@ -523,11 +507,11 @@ async def get_rt(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_rt)]
 # one sorted copy of a view's ids, made on the first page read from that view: a view never
 # changes, and the next write publishes a new one (this entry goes with the old one)
-_ids_by_view: weakref.WeakKeyDictionary[IndexView | MilvusView, list[str]] = \
+_ids_by_view: weakref.WeakKeyDictionary[VectorView, list[str]] = \
     weakref.WeakKeyDictionary()
 
 
-def _sorted_ids(view: IndexView | MilvusView) -> list[str]:
+def _sorted_ids(view: VectorView) -> list[str]:
     ids = _ids_by_view.get(view)
     if ids is None:
         ids = _ids_by_view[view] = sorted(view.ids())  # racing threads store equal lists
@@ -609,7 +593,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 
     app.state.settings = settings
     app.state.metrics = metrics = Metrics()
-    taxonomy_cache: dict[str, tuple[IndexView | MilvusView, CategoriesOut]] = {}
+    taxonomy_cache: dict[str, tuple[VectorView, CategoriesOut]] = {}
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST", "PUT", "DELETE"],

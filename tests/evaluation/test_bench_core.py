@@ -28,3 +28,8 @@ def test_core_bench_reports_every_modality(settings):
     assert 0 <= r["out_of_catalog"]["flagged_full"] <= 1
     assert r["speed"]["text_listings_per_s"] > 0 and r["speed"]["image_listings_per_s"] > 0
     assert r["latency_ms"]["search_k10"]["p99"] >= r["latency_ms"]["search_k10"]["p50"] > 0
+    # the approximate index whole and reduced on the same folds, and the difference
+    red = r["reduction"]
+    assert red["ann_whole"]["reduce"] == "none" and red["ann_reduced"]["reduce"] == "pca512"
+    assert red["cost_macro_f1"] == pytest.approx(
+        red["ann_whole"]["macro_f1"] - red["ann_reduced"]["macro_f1"], abs=1e-3)

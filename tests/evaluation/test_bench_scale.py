@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 
 from evaluation.bench_ingest import run_ingest_bench
-from evaluation.bench_search import clustered_vectors, recall_at_k, run_search_bench
+from evaluation.bench_search import (
+    Catalog,
+    ProductVectors,
+    catalog_vectors,
+    clustered_vectors,
+    recall_at_k,
+    run_product_bench,
+    run_search_bench,
+)
 from tests.support.offline import DATA_DIR
 
 
@@ -28,6 +36,47 @@ def test_recall_of_each_index_type_against_exact_search():
         assert by_kind[kind]["at_target_recall"]["recall"] >= 0.95
     # SQ8 codes: d bytes + an 8-byte id, far below flat float32 (4 d)
     assert by_kind["ivf_sq8"]["bytes_per_vector"] < by_kind["flat"]["bytes_per_vector"] / 2
+
+
+def test_product_vectors_keep_the_fused_layout_and_replay():
+    rng = np.random.default_rng(0)
+    blocks = [("text", 24, 1.0), ("image", 40, 0.5)]
+    f = np.concatenate([rng.normal(size=(90, 24)), rng.normal(size=(90, 40))], axis=1)
+    f[:, :24] /= np.linalg.norm(f[:, :24], axis=1, keepdims=True)
+    f[:, 24:] *= 0.5 / np.linalg.norm(f[:, 24:], axis=1, keepdims=True)
+    f[::3, 24:] = 0  # a third without a photo
+    cat = Catalog(f.astype(np.float32), blocks, np.array(["a", "b", "c"] * 30), {})
+    gen = ProductVectors(cat, spread=0.5, noise=0.1)
+    x = np.concatenate(list(gen.chunks(1000, 7, 300)))
+    norms = np.linalg.norm(x[:, 24:], axis=1)
+    np.testing.assert_allclose(np.linalg.norm(x[:, :24], axis=1), 1.0, atol=1e-5)
+    assert np.all(np.isclose(norms, 0.5, atol=1e-5) | (norms == 0))
+    assert 0.2 < np.mean(norms == 0) < 0.45  # the seeds' missing photos stay missing
+    # the same stream twice (ground truth and index fill are two passes over it)
+    np.testing.assert_array_equal(x, np.concatenate(list(gen.chunks(1000, 7, 300))))
+    assert gen.describe()["noise_sigma"] > 0
+
+
+@pytest.mark.slow
+def test_product_bench_on_the_catalogs_fused_vectors(settings, tmp_path):
+    cat = catalog_vectors(DATA_DIR, settings, tmp_path / "catalog.npz", limit=120)
+    assert cat.vectors.shape[1] == sum(d for _, d, _ in cat.blocks)
+    r = run_product_bench(6000, cat, 10, reduces=["pca64", "none"], queries=100,
+                          single_queries=20, chunk=2500)
+    assert r["data"] == "product" and r["dim"] == cat.vectors.shape[1]
+    by = {i["reduce"]: i for i in r["indexes"]}
+    assert by["pca64"]["factory"] == "PCAR64,IVF256,SQ8"
+    assert by["none"]["factory"] == "IVF256,SQ8"
+    # 64 bytes of codes instead of one a dimension, plus faiss's PCA matrices (d x d and
+    # 64 x d floats: 13 MB at 1792-d, which 6000 vectors do not amortise)
+    d = r["dim"]
+    fixed = 4 * (d * d + 64 * d) / 6000
+    assert by["pca64"]["bytes_per_vector"] - fixed < by["none"]["bytes_per_vector"] / 2
+    for row in by["pca64"]["sweep"] + by["none"]["sweep"]:
+        assert 0 < row["recall"] <= 1 and row["p99_ms"] >= row["p50_ms"] > 0
+    # cached: a second call reads the same vectors without embedding
+    again = catalog_vectors(DATA_DIR, settings, tmp_path / "catalog.npz", limit=120)
+    np.testing.assert_array_equal(again.vectors, cat.vectors)
 
 
 def test_recall_helper():

@@ -193,8 +193,18 @@ def test_reduced_evaluate_writes_metrics_and_report(tmp_path) -> None:  # type: 
     assert 0 <= m["classifier"]["val_accuracy"] <= 1 and -0.5 <= m["classifier"]["ari"] <= 1
     assert m["knn_cv"]["accuracy"] > 0.5 and 0 <= m["knn_cv"]["macro_f1"] <= 1
     assert isinstance(m["suspects"], int)
+    # the section on paths and calibration: per level, whole and by title; ECE; out of catalog
+    for mode in ("full", "title"):
+        levels = m["paths"][mode]["paths"]
+        assert levels["level_1"]["accuracy"] > 0.5 and "level_2" in levels
+        assert levels["level_2"]["accuracy"] <= levels["level_1"]["accuracy"]
+        conf = m["paths"][mode]["confidence"]
+        assert 0 <= conf["ece_calibrated"] <= 1 and conf["reliability_calibrated"]
+    ooc = m["out_of_catalog"]
+    assert ooc["listings"] >= 50 and 0 <= ooc["flagged_full"] <= 1
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") >= 8
+    assert "Category paths and calibrated confidence" in page and "Out of catalog" in page
+    assert page.count("data:image/png;base64,") >= 9
     assert "src='http" not in page
     assert (out / "suspects.csv").exists()
     # the study's own numbers, stated as the study states them

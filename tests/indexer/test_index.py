@@ -357,3 +357,100 @@ def test_wrong_dimension_and_nan_are_refused():
         idx.upsert(["a"], np.ones((1, 5), np.float32))
     with pytest.raises(InvalidInput, match="NaN"):
         idx.upsert(["a"], np.full((1, 4), np.nan, np.float32))
+
+
+# --- a reduced approximate base (IndexConfig.reduce: PCA before the IVF / HNSW) ------------
+def low_rank(n, d, rank, seed=0):
+    """Clustered vectors living near a ``rank``-dimensional subspace of ``d`` dimensions, as
+    fused embeddings do (most of their variance in a few directions)."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.normal(size=(d, rank)))[0].T
+    x = clustered(n, rank, seed=seed) @ basis + 0.003 * rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("ann", ["ivf_sq8", "hnsw"])
+def test_reduced_base_recall_writes_across_merges_and_search_knobs(ann):
+    data = low_rank(3100, 128, 24, seed=11)
+    x, q = data[:3000], data[3000:]  # queries held out
+    ids = [f"l{i}" for i in range(len(x))]
+    cfg = IndexConfig(exact_max=1000, ann=ann, background=False, nprobe=16, reduce="pca32",
+                      merge_min=500)
+    idx = VectorIndex(128, cfg)
+    idx.upsert(ids[:800], x[:800])
+    assert idx.kind == "flat" and idx.state()["factory"] == "IDMap2,Flat"  # exact: full width
+    idx.upsert(ids[800:], x[800:])
+    assert idx.kind == ann
+    assert idx.state()["factory"] == ("IDMap2,PCAR32,HNSW32" if ann == "hnsw"
+                                      else "PCAR32,IVF256,SQ8")
+    assert index_mod.kind_of(idx.view().base) == ann
+    assert recall(idx, x, ids, q, 10) >= 0.95  # against exact search on the full vectors
+    # the knob reaches the wrapped index through the IndexPreTransform
+    at = {e: idx.view().search(q, 10, effort=e) for e in (1, 256)}
+    assert at[1] != at[256]
+    # get(): the projection back at full width, close to the stored vector
+    back = idx.get(ids[:50])
+    assert back.shape == (50, 128)
+    assert np.min(np.sum(back * x[:50], axis=1)) > 0.97
+    # deletes and replaces, then merged into a new (retrained) base: still right
+    gone = {h[0] for h in idx.search(q[:1], 5)[0]}
+    idx.delete(gone)
+    idx.upsert(["l5"], x[6:7])
+    rng = np.random.default_rng(2)
+    idx.upsert([f"n{i}" for i in range(600)], q[rng.integers(0, 100, 600)])  # a merge
+    idx.compact()
+    assert idx.view().delta_start == idx.view().n_slots  # all of it in the new base
+    assert not gone & {h[0] for h in idx.search(q[:1], 20)[0]}
+    assert {h[0] for h in idx.search(x[6:7], 2)[0]} == {"l5", "l6"}
+    assert len(idx) == 3600 - len(gone)
+
+
+@pytest.mark.parametrize("ann", ["ivf_sq8", "hnsw"])
+@pytest.mark.parametrize("exact_max_filter", [0, 2048])
+def test_filtered_search_on_a_reduced_base(ann, exact_max_filter):
+    """IDSelectorBitmap through the IndexPreTransform (0), exact over the back-projected
+    vectors of the few matches (2048)."""
+    data = low_rank(6050, 96, 20, seed=8)
+    x, q = data[:6000], data[6000:]
+    rng = np.random.default_rng(8)
+    labelled = rng.random(len(x)) < 0.05
+    ids = [f"l{i}" for i in range(len(x))]
+    cfg = IndexConfig(exact_max=1000, ann=ann, background=False, reduce="pca24",
+                      filter_exact_max=exact_max_filter)
+    idx = VectorIndex(96, cfg)
+    idx.upsert(ids, x, labelled=labelled)
+    assert idx.state()["factory"].count("PCAR24") == 1
+    lab = {ids[i] for i in np.flatnonzero(labelled)}
+    got = idx.search(q, 10, labelled_only=True)
+    assert all(h[0] in lab for row in got for h in row)
+    truth = brute(dict(zip(ids, x, strict=True)), q, 10, lambda i: i in lab)
+    rec = np.mean([len({h[0] for h in g} & set(t)) / 10 for g, t in zip(got, truth, strict=True)])
+    assert rec >= 0.9
+
+
+def test_reduction_width_rules():
+    cfg = IndexConfig(reduce="pca64")
+    assert index_mod.reduced_dim(cfg, 128, 10_000) == 64
+    assert index_mod.reduced_dim(cfg, 64, 10_000) is None  # not narrower
+    assert index_mod.reduced_dim(cfg, 128, 50) is None  # fewer vectors than components
+    assert index_mod.reduced_dim(IndexConfig(reduce="none"), 128, 10_000) is None
+    assert index_mod.factory_string("ivf_sq8", 10_000, cfg, 128) == "PCAR64,IVF512,SQ8"
+    assert index_mod.factory_string("flat", 10_000, cfg, 128) == "IDMap2,Flat"
+    with pytest.raises(ValueError, match="reduction"):
+        index_mod.reduced_dim(IndexConfig(reduce="opq"), 128, 10_000)
+
+
+def test_reduced_base_save_load_roundtrip(tmp_path):
+    x = low_rank(2000, 64, 12)
+    ids = [f"l{i}" for i in range(len(x))]
+    cfg = IndexConfig(exact_max=500, background=False, reduce="pca16")
+    idx = VectorIndex(64, cfg)
+    idx.upsert(ids, x, labelled=[True, False] * 1000)
+    idx.upsert(["extra"], x[:1])
+    write_snapshot(tmp_path, idx.write)
+    back = VectorIndex.read(current_snapshot(tmp_path), cfg)
+    assert back.state() | {"version": 0} == idx.state() | {"version": 0}
+    assert back.state()["factory"].startswith("PCAR16,")
+    for kw in ({}, {"labelled_only": True}):
+        assert back.search(x[:3], 5, **kw) == idx.search(x[:3], 5, **kw)
+    np.testing.assert_allclose(back.get(ids[:5]), idx.get(ids[:5]))

@@ -26,7 +26,8 @@ from indexer.pipeline import SNAPSHOT_FORMAT, Vitrine, lexical_text
 FILES = {"manifest.json", "fusion.json", "fusion.npz", "lexical.json", "lexical.npz",
          "calibration.json", "calibration.npz",
          "base.faiss", "delta.npy", "alive.npy", "labelled.npy", "category.npy",
-         "slots.json", "index.json"}
+         "ids.bin", "ids.npy", "payloads.bin", "payloads.npy", "lookup_keys.npy",
+         "lookup_slots.npy", "index.json"}
 
 
 class _Payload:
