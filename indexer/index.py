@@ -315,6 +315,27 @@ def _top(scores: np.ndarray, slots: np.ndarray, k: int) -> tuple[np.ndarray, np.
             slots[np.take_along_axis(cols, order, axis=1)])
 
 
+def _top_projected(q: np.ndarray, x: np.ndarray, rows: np.ndarray, k: int, pre: Any
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_top` of the delta rows ``x`` scored as a reduced base scores its own: (A q) .
+    (A x), A the base's projection. Scored whole, a listing still in the delta would outrank
+    an equally close one in the base by what the projection drops (the near neighbours'
+    shared residual), and a calibrated threshold would read the two on different scales.
+    Candidates are taken by the whole score (one product with the delta) and only they are
+    projected: 4 k of them hold the projected top k (the two orders differ by the small
+    residual part)."""
+    m = min(4 * k, len(rows))
+    _, cand = _top(q @ x.T, np.arange(len(rows)), m)  # per query row: positions in x
+    project = pre.chain.at(0).apply
+    uniq = np.unique(cand)
+    xa = project(np.ascontiguousarray(x[uniq]))
+    qa = project(np.ascontiguousarray(q))
+    sc = np.einsum("rd,rkd->rk", qa, xa[np.searchsorted(uniq, cand)])
+    order = np.argsort(-sc, axis=1, kind="stable")[:, :k]
+    return (np.take_along_axis(sc, order, axis=1),
+            rows[np.take_along_axis(cand, order, axis=1)])
+
+
 @dataclass(frozen=True)
 class _Match:
     """The slots of a view a search may return: alive and passing its filters."""
@@ -486,7 +507,11 @@ class IndexView:
         if len(rows):
             nd = self.n_slots - self.delta_start
             x = self.delta[:nd] if len(rows) == nd else self.delta[rows]
-            s, cols = _top(q @ x.T, rows, min(kk, len(rows)))
+            pre = _pretransform(self.base)
+            if pre is None:
+                s, cols = _top(q @ x.T, rows, min(kk, len(rows)))
+            else:
+                s, cols = _top_projected(q, x, rows, min(kk, len(rows)), pre)
             scores.append(s)
             slots.append(cols + self.delta_start)
         if match.base:
@@ -662,7 +687,8 @@ class SlotTable:
         """Slot ``slot``'s JSON as stored (b"" for None)."""
         if slot >= self.mapped:
             v = self._tail[slot - self.mapped]
-            return b"" if v is None else json.dumps(v, ensure_ascii=False).encode()
+            # ASCII-escaped: a lone surrogate in a payload cannot make a snapshot unwritable
+            return b"" if v is None else json.dumps(v).encode()
         start, end = self._offsets[slot], self._offsets[slot + 1]
         return bytes(self._blob[start:end])
 

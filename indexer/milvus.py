@@ -46,7 +46,6 @@ from .settings import Settings
 from .state import StateStore, StoreUnavailable
 
 if TYPE_CHECKING:
-    from .index import VectorView
     from .pipeline import Upsert, Vitrine
 
 log = logging.getLogger(__name__)
@@ -110,7 +109,6 @@ class MilvusIndex:
         self.client = client
         self.name = name
         self.dim = dim
-        self._categories: list[str] | None = None  # the writer's, once read
 
     @classmethod
     def open(cls, settings: Settings, fusion: Fusion, *, fresh: bool = False,
@@ -242,23 +240,6 @@ class MilvusIndex:
             self._rpc(self.client.upsert, self.name, rows[a:a + BATCH], timeout=CALL_TIMEOUT)
         self._record(pos, [meta.category for _, _, meta in upserts])
 
-    def fill(self, view: VectorView) -> None:
-        """Copy a catalog just built in FAISS (``view``) in, at version 0: every log entry,
-        which has a version from 1 on, wins over it."""
-        ids = view.ids()
-        for a in range(0, len(ids), BATCH):
-            chunk = ids[a:a + BATCH]
-            vectors = view.get(chunk)
-            rows = []
-            for lid, vec in zip(chunk, vectors, strict=True):
-                p = view.payload(lid)
-                category = p.get("category")
-                labelled = category is not None and p.get("source") not in (
-                    "predicted", "unconfirmed")
-                rows.append(self._row(lid, vec, p, labelled, category, 0))
-            self._rpc(self.client.insert, self.name, rows, timeout=CALL_TIMEOUT)
-        self._record(0, [view.payload(lid).get("category") for lid in ids])
-
     def _row(self, lid: str, vec: np.ndarray | None, payload: Payload, labelled: bool,
              category: str | None, version: int, *, deleted: bool = False) -> dict[str, Any]:
         return {"id": lid, "vec": np.zeros(self.dim, np.float32) if vec is None else
@@ -267,12 +248,11 @@ class MilvusIndex:
                 "category": category or "", "payload": payload}
 
     def _record(self, pos: int, categories: Sequence[str | None]) -> None:
-        if self._categories is None:
-            self._categories = self.categories()
-        known = self._categories
+        # the stored list, read again each time: a writer that held the lease meanwhile may
+        # have added to it, and a list cached here would write its categories away
+        known = self.categories()
         new = [c for c in dict.fromkeys(categories) if c and c not in known]
-        self._categories = known + new
-        row = self._row(LOG_ROW, None, {"categories": self._categories}, False, None, pos,
+        row = self._row(LOG_ROW, None, {"categories": known + new}, False, None, pos,
                         deleted=True)  # a tombstone: no search or listing ever sees it
         self._rpc(self.client.upsert, self.name, [row], timeout=CALL_TIMEOUT)
 
@@ -384,13 +364,13 @@ class MilvusView:
             {"store": "milvus", "collection": self.index.name, "dim": self.dim}))
 
 
-def move_to_milvus(v: Vitrine, settings: Settings) -> None:
-    """Copy the catalog ``v`` just built (in FAISS, where its calibration was fitted) into
-    a new collection for its fusion, and keep ``v``'s vectors there from then on."""
-    st = v.state()
-    index = MilvusIndex.open(settings, st.fusion, fresh=True)
-    if not isinstance(st.view, MilvusView):
-        index.fill(st.view)
+def move_to_milvus(v: Vitrine, settings: Settings, catalog: Sequence[Upsert]) -> None:
+    """Write the catalog ``v`` was just built from (``catalog``: its fused vectors, in FAISS
+    where the calibration was fitted) into a new collection for its fusion, at version 0
+    (every log entry, from version 1 on, wins over it), and keep ``v``'s vectors there from
+    then on."""
+    index = MilvusIndex.open(settings, v.state().fusion, fresh=True)
+    index.write(catalog, [], {lid: 0 for lid, _, _ in catalog}, 0)
     v.keep_vectors_in(index)
 
 

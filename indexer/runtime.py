@@ -230,11 +230,17 @@ def seed(settings: Settings, store: StateStore, catalog: Path, images: Path | No
         raise VitrineError(f"no usable listing in {catalog}")
     v = Vitrine(settings, registry)
     with progress(len(listings)) if progress else nullcontext(None) as update:
-        v.build(listings, update)
+        v.fit_lexical(listings)
+        emb = v.embed(listings, update)
+        v.build_from_embedded(listings, emb)
     if settings.vector_store != "faiss":
         from .milvus import move_to_milvus
+        from .pipeline import entries
 
-        move_to_milvus(v, settings)  # before the snapshot that names its collection
+        # the fused vectors themselves, not what the FAISS index built for the calibration
+        # gives back (past exact_max, a reduced, quantised reconstruction); before the
+        # snapshot that names the collection
+        move_to_milvus(v, settings, entries(listings, v.fuse(emb), emb.failed))
     v.save(root, {"log_pos": 0, "versions": {}})
     thumbs = _seed_thumbnails(settings, store, listings)
     [pos] = store.append([{"op": "reload"}])

@@ -711,7 +711,12 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         def matching(ids: list[str]) -> Iterator[tuple[str, dict[str, Any], list[str]]]:
             """The listings of ``ids`` that pass the filters, with their paths."""
             for i in range(0, len(ids), 500):
-                chunk = [(lid, view.payload(lid)) for lid in ids[i: i + 500]]
+                chunk = []
+                for lid in ids[i: i + 500]:
+                    try:
+                        chunk.append((lid, view.payload(lid)))
+                    except KeyError:  # deleted since the ids were read (a Milvus view is
+                        continue      # not frozen: see indexer/milvus.py)
                 if source:
                     chunk = [(x, p) for x, p in chunk if p.get("source", "seller") == source]
                 # a predicted listing's path is in its status (one read per chunk)

@@ -459,6 +459,8 @@ class RedisStore:
         if not event.has_photo:
             return None
         raw = self._r.hget(f"{self._p}:photos", f"{event.id}:{event.version}")
+        if raw is None:  # accepted by a vitrine of the first layout after the upgrade ran
+            raw = self._r.get(f"{self._p}:photo:{event.id}:{event.version}")
         return cast(bytes | None, raw)
 
     @_transient

@@ -454,3 +454,24 @@ def test_reduced_base_save_load_roundtrip(tmp_path):
     for kw in ({}, {"labelled_only": True}):
         assert back.search(x[:3], 5, **kw) == idx.search(x[:3], 5, **kw)
     np.testing.assert_allclose(back.get(ids[:5]), idx.get(ids[:5]))
+
+
+@pytest.mark.parametrize("ann", ["ivf_sq8", "hnsw"])
+def test_delta_rows_score_like_the_reduced_base(ann):
+    """A listing still in the delta and the same vector in a reduced base score alike: the
+    delta is scored in the base's projected space, not whole (which would rank recent posts
+    above equally close listings by what the projection drops)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2000, 64)).astype(np.float32)  # full rank: pca16 drops ~3/4
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = [f"l{i}" for i in range(len(x))]
+    idx = VectorIndex(64, IndexConfig(exact_max=500, ann=ann, background=False,
+                                      reduce="pca16", merge_min=10_000))
+    idx.upsert(ids, x)
+    assert "PCAR16" in idx.state()["factory"]
+    idx.upsert(["copy-of-l0"], x[:1])  # in the delta, until the next merge
+    assert idx.view().delta_start <= idx.view().n_slots - 1
+    hits = {h[0]: h[1] for h in idx.search(x[:1], 5, effort=256)[0]}
+    assert "l0" in hits and "copy-of-l0" in hits
+    assert abs(hits["copy-of-l0"] - hits["l0"]) < 0.05 * hits["l0"]
+    assert hits["l0"] < 0.6  # what the projection keeps of a unit vector, not its whole 1.0

@@ -20,7 +20,7 @@ import pytest
 
 from indexer.errors import IndexMismatch
 from indexer.milvus import MilvusReplica, MilvusView, move_to_milvus
-from indexer.pipeline import Vitrine
+from indexer.pipeline import ListingMeta, Vitrine
 from indexer.runtime import Runtime
 from indexer.settings import Settings
 from indexer.state import LogEntry
@@ -57,7 +57,10 @@ def seed_data_dir(s: Settings, seed_dir: Path, settings: Settings, registry: Any
         copy_seed(seed_dir, s.data_dir)
         return
     v = Vitrine.load(seed_dir / "index", settings, registry)
-    move_to_milvus(v, s)
+    view = v.state().view  # the seed's exact index: its vectors are the fused ones
+    ids = view.ids()
+    move_to_milvus(v, s, [(lid, vec, ListingMeta.from_payload(view.payload(lid)))
+                          for lid, vec in zip(ids, view.get(ids), strict=True)])
     v.save(s.data_dir / "index", {"log_pos": 0, "versions": {}})
 
 
