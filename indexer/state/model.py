@@ -28,7 +28,12 @@ Words used throughout (docs/service.md draws them):
   by :meth:`StateStore.review_queue`, oldest version first.
 * **relabel** — an operator's category write, conditional on the version the operator saw
   (:meth:`StateStore.relabel`): next version, the new status and a ``label`` log entry,
-  atomically; every replica applies the entry to its copy of the listing's payload.
+  atomically; every replica applies the entry to its copy of the listing's payload. The
+  listing's *corrections* (who, when, the previous value) are kept in the same step, apart
+  from the status, so that a re-post (voted again) keeps them; a delete removes them.
+* **per-status index** — the ids of each status by version, kept by every status write in
+  the same atomic step: what ``status_ids`` pages (with a version cursor) and
+  ``status_counts`` counts, without reading every status.
 * **log** — entries ``{"op": "upsert"|"delete"|"label"|"reload", "id", "version", ...}`` at
   positions 1, 2, 3... (integers, gap-free when appended). Every replica applies them in
   order, highest version per id winning. ``trim(upto)`` drops entries ``<= upto`` and
