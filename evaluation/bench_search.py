@@ -165,19 +165,19 @@ def run_search_bench(
                     target_recall=target_recall)
         )
     return {
-        "benchmark": "search",
-        "n": n,
-        "dim": dim,
-        "k": k,
-        "queries": queries,
-        "single_queries": single_queries,
-        "target_recall": target_recall,
-        "faiss": faiss.__version__,
-        "threads": faiss.omp_get_max_threads(),
+        **_header(n, dim, k, queries, single_queries, target_recall),
         "generate_s": round(gen_s, 1),
         "exact_batch_s": round(exact_batch_s, 2),
         "indexes": results,
     }
+
+
+def _header(n: int, dim: int, k: int, queries: int, single_queries: int,
+            target_recall: float) -> dict[str, Any]:
+    """What every ``bench search`` result starts with (clustered or ``--product``)."""
+    return {"benchmark": "search", "n": n, "dim": dim, "k": k, "queries": queries,
+            "single_queries": single_queries, "target_recall": target_recall,
+            "faiss": faiss.__version__, "threads": faiss.omp_get_max_threads()}
 
 
 # --- the product's own vectors (`bench search --product`) ---------------------------------
@@ -379,16 +379,8 @@ def run_product_bench(
             results.append({"factory": factory, "reduce": reduce, **row})
             del index
     return {
-        "benchmark": "search",
+        **_header(n, dim, k, queries, single_queries, target_recall),
         "data": "product",
-        "n": n,
-        "dim": dim,
-        "k": k,
-        "queries": queries,
-        "single_queries": single_queries,
-        "target_recall": target_recall,
-        "faiss": faiss.__version__,
-        "threads": faiss.omp_get_max_threads(),
         "generator": gen.describe(),
         "exact_batch_s": round(exact_s, 2),
         "indexes": results,

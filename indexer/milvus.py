@@ -443,19 +443,16 @@ class MilvusReplica(Replica):
     def _stored_versions(self, ids: Sequence[str]) -> Mapping[str, int]:
         return self._index().stored_versions(ids)
 
-    def _publish(self, upserts: dict[str, Upsert], deletes: set[str],
-                 changed: dict[str, int], pos: int) -> None:
+    def _write(self, upserts: dict[str, Upsert], deletes: set[str],
+               changed: dict[str, int], pos: int) -> None:
         if upserts or deletes or pos != self._recorded:
             if not self.store.lease(WRITER_LEASE, self._owner, WRITER_TTL):
                 raise WriterLeaseLost("another process took over writing to Milvus")
             self._index().write(list(upserts.values()), sorted(deletes), changed, pos)
             self._recorded = pos
-        with self._cond:
-            self.pos = pos
-            self._cond.notify_all()
-        upserts.clear()
-        deletes.clear()
-        changed.clear()
+
+    def _hold(self, changed: dict[str, int]) -> None:
+        """Nothing: the versions are in Milvus (:meth:`version_of` asks it)."""
 
     def _reload(self) -> None:
         super()._reload()

@@ -171,16 +171,26 @@ class Replica:
     def _publish(self, upserts: dict[str, tuple[str, np.ndarray, ListingMeta]],
                  deletes: set[str], changed: dict[str, int], pos: int) -> None:
         """Write the collected changes to the index (one new view), then say so."""
-        if upserts or deletes:
-            self.v.apply(list(upserts.values()), sorted(deletes))
+        self._write(upserts, deletes, changed, pos)
         with self._cond:
             # the versions change under the lock that digest() and the waiters read under
-            self.versions.update(changed)
+            self._hold(changed)
             self.pos = pos
             self._cond.notify_all()
         upserts.clear()
         deletes.clear()
         changed.clear()
+
+    def _write(self, upserts: dict[str, tuple[str, np.ndarray, ListingMeta]],
+               deletes: set[str], changed: dict[str, int], pos: int) -> None:
+        """Put the changes of the entries up to ``pos`` in the index (``changed``: the
+        versions they bring)."""
+        if upserts or deletes:
+            self.v.apply(list(upserts.values()), sorted(deletes))
+
+    def _hold(self, changed: dict[str, int]) -> None:
+        """Remember the versions now in the index (under ``_cond``)."""
+        self.versions.update(changed)
 
     def _reload(self) -> None:
         """Swap in the published snapshot (a seed, or the log was trimmed past us)."""

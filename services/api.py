@@ -19,7 +19,6 @@ import asyncio
 import bisect
 import hmac
 import importlib.resources
-import itertools
 import logging
 import os
 import time
@@ -733,11 +732,17 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         # new slot, which moved it in write order and shifted every later page)
         ordered = _sorted_ids(view)
         start = bisect.bisect_right(ordered, after) if after is not None else 0
-        found = list(itertools.islice(matching(ordered[start:]), offset, offset + limit + 1))
+        if cf is None and source is None:  # every listing passes: the page alone is read
+            found = list(matching(ordered[start + offset: start + offset + limit + 1]))
+            total = len(ordered)
+        else:  # one pass over all of them: the total, and the page on the way
+            passing = list(matching(ordered))
+            total = len(passing)
+            first = bisect.bisect_right([lid for lid, _, _ in passing], after) \
+                if after is not None else 0
+            found = passing[first + offset: first + offset + limit + 1]
         more = len(found) > limit
         rows_of = found[:limit]
-        filtered = cf is not None or source is not None
-        total = sum(1 for _ in matching(ordered)) if filtered else len(ordered)
         statuses = rt.store.statuses([lid for lid, _, _ in rows_of])
         items = []
         for (lid, p, path), st in zip(rows_of, statuses, strict=True):
